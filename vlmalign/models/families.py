@@ -1,0 +1,176 @@
+"""Per-architecture facts, in one place.
+
+Everything in vlmalign that depends on the model family asks this registry: which token the model replaces with
+image features, which vision special tokens must never be sampled, which token-type ids the forward needs, which
+modules form the vision tower and the projector (for freezing and for excluding them from LoRA), and how the
+family's chat turns look. Nothing else in the code sniffs config keys or module names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]          # config.model_type values that belong to this family
+    image_token: str                      # placeholder the model replaces with image features
+    vision_special_tokens: tuple[str, ...]  # never sampled: placeholder, start/end, row/col markers, ...
+    token_type_key: str | None            # extra ids the forward needs, aligned with the placeholders
+    vision_module_patterns: tuple[str, ...]  # regexes on parameter/module names: the vision tower
+    projector_module_patterns: tuple[str, ...]  # regexes: the vision->text projector
+    eos_token: str                        # end of an assistant turn (generation stops here)
+    mrope: bool = False                   # Qwen's 3-D rotary positions, computed by the model from the ids
+    notes: str = ""
+    # Regex that must match any LoRA target module name that belongs to the language model.
+    language_model_pattern: str = r"(^|\.)language_model\."
+
+    def is_vision_param(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.vision_module_patterns)
+
+    def is_projector_param(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.projector_module_patterns)
+
+    def image_token_id(self, model_or_config) -> int:
+        """The id the model replaces with image features (`config.image_token_id`, which for Gemma3 is NOT
+        `processor.image_token_id`: that one is the begin-of-image marker)."""
+        config = getattr(model_or_config, "config", model_or_config)
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(config, key, None)
+            if value is not None:
+                return int(value)
+        raise ValueError(f"{self.name}: the model config has no image_token_id")
+
+    def suppress_token_ids(self, tokenizer) -> list[int]:
+        """Ids of every vision special token known to the tokenizer: they must never be sampled (a sampled
+        placeholder makes the next forward fail with "Image features and image tokens do not match")."""
+        vocab = tokenizer.get_vocab()
+        ids = {vocab[t] for t in self.vision_special_tokens if t in vocab}
+        # Idefics3 / SmolVLM row and column markers: <row_1_col_1>, ... <global-img>
+        ids |= {i for t, i in vocab.items() if re.fullmatch(r"<row_\d+_col_\d+>|<global-img>", t)}
+        return sorted(ids)
+
+    def token_type_ids(self, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor | None:
+        """Token-type ids rebuilt from the ids themselves, so they line up with the placeholders whatever the
+        padding side or BOS handling: 1 at image placeholders, 0 elsewhere."""
+        if self.token_type_key is None:
+            return None
+        return (input_ids == image_token_id).long()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+QWEN_VISION = (r"(^|\.)visual\.(?!merger)",)
+QWEN_PROJECTOR = (r"(^|\.)visual\.merger\.",)
+
+register(Family(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    image_token="<|image_pad|>",
+    vision_special_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    token_type_key="mm_token_type_ids",
+    vision_module_patterns=QWEN_VISION,
+    projector_module_patterns=QWEN_PROJECTOR,
+    eos_token="<|im_end|>",
+    mrope=True,
+))
+register(Family(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    image_token="<|image_pad|>",
+    vision_special_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
+    token_type_key="mm_token_type_ids",
+    vision_module_patterns=QWEN_VISION,
+    projector_module_patterns=QWEN_PROJECTOR,
+    eos_token="<|im_end|>",
+    mrope=True,
+))
+register(Family(
+    name="idefics3",
+    model_types=("idefics3",),
+    image_token="<image>",
+    vision_special_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
+    token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_model\.",),
+    projector_module_patterns=(r"(^|\.)connector\.",),
+    eos_token="<end_of_utterance>",
+    language_model_pattern=r"(^|\.)text_model\.",
+))
+register(Family(
+    name="smolvlm",
+    model_types=("smolvlm",),
+    image_token="<image>",
+    vision_special_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
+    token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_model\.",),
+    projector_module_patterns=(r"(^|\.)connector\.",),
+    eos_token="<end_of_utterance>",
+    language_model_pattern=r"(^|\.)text_model\.",
+))
+register(Family(
+    name="llava_clip",
+    model_types=("llava",),
+    image_token="<image>",
+    vision_special_tokens=("<image>",),
+    token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_tower\.",),
+    projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
+    eos_token="</s>",
+))
+register(Family(
+    name="llava_siglip",
+    model_types=("llava",),
+    image_token="<image>",
+    vision_special_tokens=("<image>",),
+    token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_tower\.",),
+    projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
+    eos_token="</s>",
+))
+register(Family(
+    name="gemma3",
+    model_types=("gemma3",),
+    image_token="<image_soft_token>",
+    vision_special_tokens=("<image_soft_token>", "<start_of_image>", "<end_of_image>"),
+    token_type_key="token_type_ids",
+    vision_module_patterns=(r"(^|\.)vision_tower\.",),
+    projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
+    eos_token="<end_of_turn>",
+))
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def get_family(name_or_model) -> Family:
+    """Look a family up by its registry name, or from a model / config (by `model_type`, and for LLaVA by the
+    vision tower's type)."""
+    if isinstance(name_or_model, str):
+        key = name_or_model.lower().replace("-", "_").replace(".", "_")
+        aliases = {"qwen2vl": "qwen2_vl", "qwen2_5vl": "qwen2_5_vl", "qwen25_vl": "qwen2_5_vl", "llava": "llava_clip"}
+        key = aliases.get(key, key)
+        if key not in FAMILIES:
+            raise ValueError(f"unknown model family {name_or_model!r}; known: {', '.join(FAMILIES)}")
+        return FAMILIES[key]
+    config = getattr(name_or_model, "config", name_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type == "llava":
+        vision_type = getattr(getattr(config, "vision_config", None), "model_type", "")
+        return FAMILIES["llava_siglip" if "siglip" in vision_type else "llava_clip"]
+    for family in FAMILIES.values():
+        if model_type in family.model_types:
+            return family
+    raise ValueError(
+        f"model type {model_type!r} is not a supported vision-language family; supported: {', '.join(FAMILIES)}"
+    )
