@@ -91,3 +91,23 @@ def load_model(
     return AutoModelForImageTextToText.from_pretrained(
         model, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
+
+
+def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike) -> None:
+    """`processor.save_pretrained`, plus the video-processor config that processors declaring one (Qwen2-VL,
+    Qwen2.5-VL, SmolVLM) need for plain `AutoProcessor.from_pretrained` where torchvision is installed. Without
+    torchvision the video processor cannot be instantiated, so its config is written from the image processor's."""
+    out = Path(out_dir)
+    processor.save_pretrained(out)
+    names = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
+             "SmolVLMProcessor": "SmolVLMVideoProcessor"}
+    video_type = names.get(type(processor).__name__)
+    if video_type is None or getattr(processor, "video_processor", None) is not None:
+        return
+    keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std", "do_resize",
+            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "max_image_size")
+    image_config = processor.image_processor.to_dict()
+    config = {k: image_config[k] for k in keys if k in image_config}
+    config["video_processor_type"] = video_type
+    config["processor_class"] = type(processor).__name__
+    (out / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2))

@@ -15,7 +15,6 @@ answer tags are single non-special tokens.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ import transformers
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from .families import get_family
-from .loading import image_only_processor_class
+from .loading import image_only_processor_class, save_processor
 from .tokenizer import build_tokenizer
 
 SIZES = ("tiny", "small")
@@ -47,12 +46,20 @@ def chat_template(
     image: str,
     bos: str = "",
     separator: str = "\n",
+    user_turn_end: str | None = None,
 ) -> str:
     """A Jinja chat template rendering typed content (`{"type": "image"}` / `{"type": "text"}`) or string
     content, with assistant turns wrapped in `{% generation %}` (for `return_assistant_tokens_mask`).
-    The end-of-turn token of an assistant turn is part of the generation (the model must learn to stop)."""
+    The end-of-turn token of an assistant turn is part of the generation (the model must learn to stop).
+    `user_turn_end` (default: `turn_end`) ends the other turns, for formats like LLaVA's where only the
+    assistant turn ends with a token.
+
+    The assistant's turn start must end with a character that never merges with the first token of the answer
+    (a newline, a colon, a special token): with a trailing space (``"ASSISTANT: "``) the space would be a token
+    of its own in the generation prompt but merged into the answer's first word (``" red"``) in training."""
     starts = "{" + ", ".join(f"'{role}': {text!r}" for role, text in turn_start.items()) + "}"
     end = "{{- '" + turn_end + "' -}}"
+    other_end = end if user_turn_end is None else ("{{- '" + user_turn_end + "' -}}" if user_turn_end else "")
     return (
         "{%- set starts = " + starts + " -%}"
         "{%- macro render(content) -%}"
@@ -67,7 +74,7 @@ def chat_template(
         "{{- starts[message['role']] -}}"
         "{%- if message['role'] == 'assistant' -%}"
         "{%- generation -%}{{- render(message['content']) -}}" + end + "{%- endgeneration -%}"
-        "{%- else -%}{{- render(message['content']) -}}" + end + "{%- endif -%}"
+        "{%- else -%}{{- render(message['content']) -}}" + other_end + "{%- endif -%}"
         "{{- '" + separator.replace("\n", "\\n") + "' -}}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- starts['assistant'] -}}{%- endif -%}"
@@ -144,9 +151,177 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
     return Built(config, processor)
 
 
+# ------------------------------------------------------------------------------------------- shared text settings
+
+# tiny: ~0.1M text parameters besides the embeddings; small: hidden 256, 4 layers.
+_TEXT = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2),
+}
+# Vision towers: tiny sees 28 px images in 7 px patches (4 x 4 patches), small 224 px (32 x 32) or 112 px (16 x 16).
+_VISION = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, patch_size=7),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=7),
+}
+
+
+def _llama_text_config(size: str, tok, *, bos: str | None, eos: str) -> dict:
+    ids = tok.convert_tokens_to_ids
+    return dict(
+        model_type="llama", vocab_size=len(tok), **_TEXT[size], max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+        bos_token_id=ids(bos) if bos else None, eos_token_id=ids(eos), pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ Idefics3 and SmolVLM
+
+# Every token the Idefics3 / SmolVLM processors can emit around an image (row/col markers only with image
+# splitting, which the tiny models turn off; they are in the vocabulary all the same, as in the real tokenizers).
+_IDEFICS_ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+_IDEFICS_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", *_IDEFICS_ROW_COL]
+
+
+def _idefics(size: str, words, *, smolvlm: bool) -> Built:
+    # The real templates: Idefics3 "<|begin_of_text|>User:<image>...<end_of_utterance>\nAssistant: ...", SmolVLM the
+    # same after "<|im_start|>". The assistant start has no trailing space (see `chat_template`).
+    bos = "<|im_start|>" if smolvlm else "<|begin_of_text|>"
+    pad = "<|endoftext|>" if smolvlm else "<|end_of_text|>"
+    eos = "<end_of_utterance>"
+    template = chat_template(
+        turn_start={"system": "System:", "user": "User:", "assistant": "Assistant:"},
+        turn_end=eos, image="<image>", bos=bos,
+    )
+    extra = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
+             "end_of_utterance_token": eos, "global_image_token": "<global-img>"}
+    specials = ["<|im_end|>"] if smolvlm else []
+    tok = build_tokenizer(
+        [*specials, eos, *_IDEFICS_IMAGE_TOKENS], eos_token=eos, pad_token=pad, bos_token=bos, extra_words=words,
+        chat_template=template, extra_special=extra,
+    )
+    # One image = one block of image_seq_len tokens: no splitting; pixel shuffle by 2 ->
+    # tiny (28 / 7)^2 / 4 = 4 tokens, small (224 / 7)^2 / 4 = 256 tokens.
+    image, scale = (28, 2) if size == "tiny" else (224, 2)
+    vision = dict(_VISION[size], image_size=image)
+    image_seq_len = (image // vision["patch_size"]) ** 2 // scale**2
+    config_cls = transformers.SmolVLMConfig if smolvlm else transformers.Idefics3Config
+    text_config = _llama_text_config(size, tok, bos=bos, eos=eos)
+    config = config_cls(
+        text_config=text_config, vision_config=vision, scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    ip_cls = transformers.SmolVLMImageProcessorPil if smolvlm else transformers.Idefics3ImageProcessorPil
+    image_processor = ip_cls(
+        do_image_splitting=False, size={"longest_edge": image}, max_image_size={"longest_edge": image},
+    )
+    processor_cls = transformers.SmolVLMProcessor if smolvlm else transformers.Idefics3Processor
+    processor = image_only_processor_class(processor_cls)(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len, chat_template=tok.chat_template
+    )
+    return Built(config, processor)
+
+
+# ------------------------------------------------------------------------------------------------------------ LLaVA
+
+
+def _llava(size: str, words, *, siglip: bool) -> Built:
+    # LLaVA-1.5's "USER: <image>\n... ASSISTANT: ...</s>"; only the assistant turn ends with </s>.
+    template = chat_template(
+        turn_start={"system": "", "user": "USER: ", "assistant": "ASSISTANT:"},
+        turn_end="</s>", user_turn_end="", image="<image>\n", bos="<s>", separator=" ",
+    )
+    tok = build_tokenizer(
+        ["<image>"], eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>", extra_words=words,
+        chat_template=template, extra_special={"image_token": "<image>"},
+    )
+    # tiny: 28 px / 7 px = 4 x 4 = 16 tokens; small: 112 px / 7 px = 16 x 16 = 256 tokens. CLIP adds a CLS token
+    # that the "default" feature strategy drops again; SigLIP has none ("full").
+    image = 28 if size == "tiny" else 112
+    vision = dict(_VISION[size], image_size=image, model_type="siglip_vision_model" if siglip else "clip_vision_model")
+    if siglip:
+        vision["vision_use_head"] = False  # the pooling head is unused by LLaVA (no gradients)
+    else:
+        vision["projection_dim"] = vision["hidden_size"]
+    strategy = "full" if siglip else "default"
+    num_tokens = (image // vision["patch_size"]) ** 2
+    config = transformers.LlavaConfig(
+        text_config=_llama_text_config(size, tok, bos="<s>", eos="</s>"), vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=num_tokens,
+        vision_feature_select_strategy=strategy,
+        # The last layer (real checkpoints take the penultimate of a deep tower; with one layer that would be the
+        # patch embeddings and leave the layer without gradients).
+        vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False,
+    )
+    if siglip:
+        image_processor = transformers.SiglipImageProcessorPil(size={"height": image, "width": image})
+    else:
+        image_processor = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": image}, crop_size={"height": image, "width": image}
+        )
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=vision["patch_size"],
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=0 if siglip else 1,
+        chat_template=tok.chat_template,
+    )
+    return Built(config, processor)
+
+
+# ----------------------------------------------------------------------------------------------------------- Gemma3
+
+
+def _gemma3(size: str, words) -> Built:
+    # "<bos><start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n...<end_of_turn>\n"; the image slot is
+    # <start_of_image>, which the processor expands to "\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n".
+    template = chat_template(
+        turn_start={"system": "<start_of_turn>user\n", "user": "<start_of_turn>user\n",
+                    "assistant": "<start_of_turn>model\n"},
+        turn_end="<end_of_turn>", image="<start_of_image>", bos="<bos>",
+    )
+    tok = build_tokenizer(
+        ["<start_of_turn>", "<end_of_turn>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+        eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>", extra_words=words,
+        chat_template=template,
+        extra_special={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                       "image_token": "<image_soft_token>"},
+    )
+    ids = tok.convert_tokens_to_ids
+    # tiny: 28 px / 7 px = 4 x 4 patches pooled 2 x 2 -> 4 tokens; small: 224 / 7 = 32 x 32 pooled -> 16 x 16 = 256.
+    image, mm_tokens = (28, 4) if size == "tiny" else (224, 256)
+    text = _TEXT[size]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    layers = text["num_hidden_layers"]
+    text_config = dict(
+        vocab_size=len(tok), **text, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+        max_position_embeddings=4096, sliding_window=512,
+        # Gemma3's 5:1 local/global pattern, shortened: the last layer global.
+        layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        bos_token_id=ids("<bos>"), eos_token_id=ids("<end_of_turn>"), pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    vision = dict(_VISION[size], image_size=image, model_type="siglip_vision_model", vision_use_head=False)
+    config = transformers.Gemma3Config(
+        text_config=text_config, vision_config=vision, mm_tokens_per_image=mm_tokens,
+        boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True,
+    )
+    image_processor = transformers.Gemma3ImageProcessorPil(size={"height": image, "width": image})
+    processor = transformers.Gemma3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_length=mm_tokens, chat_template=tok.chat_template
+    )
+    return Built(config, processor)
+
+
 BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
     "qwen2_vl": lambda size, words: _qwen(size, words, v25=False),
     "qwen2_5_vl": lambda size, words: _qwen(size, words, v25=True),
+    "idefics3": lambda size, words: _idefics(size, words, smolvlm=False),
+    "smolvlm": lambda size, words: _idefics(size, words, smolvlm=True),
+    "llava_clip": lambda size, words: _llava(size, words, siglip=False),
+    "llava_siglip": lambda size, words: _llava(size, words, siglip=True),
+    "gemma3": _gemma3,
 }
 
 
@@ -188,24 +363,5 @@ def make_tiny_model(family: str, size: str = "tiny", out_dir: str | os.PathLike 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
-    _write_video_processor_config(out, processor)
+    save_processor(processor, out)
     return out
-
-
-def _write_video_processor_config(out: Path, processor) -> None:
-    """Processors that declare a video processor (Qwen2-VL, Qwen2.5-VL, SmolVLM) need its config on disk for
-    plain `AutoProcessor.from_pretrained` (with torchvision installed). Without torchvision the video processor
-    cannot be instantiated, so its config is written from the image processor's settings."""
-    names = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-             "SmolVLMProcessor": "SmolVLMVideoProcessor"}
-    video_type = names.get(type(processor).__name__)
-    if video_type is None:
-        return
-    keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std", "do_resize",
-            "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "max_image_size")
-    ip = processor.image_processor.to_dict()
-    config = {k: ip[k] for k in keys if k in ip}
-    config["video_processor_type"] = video_type
-    config["processor_class"] = type(processor).__name__
-    (out / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2))

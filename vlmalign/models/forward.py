@@ -1,0 +1,92 @@
+"""Model forwards that never build a [batch, length, vocab] logits tensor.
+
+`completion_logps` runs the wrapped model (DDP / FSDP / PEFT wrappers keep working: their forward is the one
+called) with the LM head bypassed, so the forward returns hidden states, then projects only the scored positions
+through the LM head in chunks (`vlmalign.losses.logprobs`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..losses.logprobs import token_logprobs_from_hidden
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP (`.module`) and PEFT (`.get_base_model()`) wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _softcap(model: nn.Module) -> float | None:
+    config = unwrap_model(model).config
+    text = getattr(config, "text_config", config)
+    return getattr(text, "final_logit_softcapping", None)
+
+
+@contextmanager
+def lm_head_bypassed(model: nn.Module):
+    """Within the block, the model's LM head returns its input: `outputs.logits` are the final hidden states.
+    Yields the real head (to project chosen positions afterwards)."""
+    head = unwrap_model(model).get_output_embeddings()
+    original = head.forward
+    head.forward = lambda hidden: hidden
+    try:
+        yield head
+    finally:
+        head.forward = original
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def hidden_states(model: nn.Module, batch: dict, *, keep_last: int = 0):
+    """Final hidden states [B, T, H] (or the last `keep_last` positions) and the LM head module."""
+    if _softcap(model):
+        raise NotImplementedError("models with final-logit soft-capping need full logits; not supported here")
+    with lm_head_bypassed(model) as head:
+        out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=keep_last)
+    return out.logits, head
+
+
+def token_logps(
+    model: nn.Module,
+    batch: dict,
+    mask: torch.Tensor,           # [B, T] 1 where the *target* token at position t is scored
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 1024,
+    keep_last: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Per-token log p(input_ids[t] | < t) at the masked positions, as [B, T'] tensors (0 elsewhere), where
+    T' = T (or `keep_last` when given: then `mask` covers only the last `keep_last` positions).
+
+    Returns (logps [B, T'], entropy [B, T'] or None, argmax-hit [B, T'] bool: the greedy prediction was right)."""
+    hidden, head = hidden_states(model, batch, keep_last=keep_last + 1 if keep_last else 0)
+    ids = batch["input_ids"][:, -keep_last:] if keep_last else batch["input_ids"]
+    # position t-1 predicts token t
+    if keep_last:
+        hidden = hidden[:, :-1]                    # [B, keep_last, H] predicting ids[:, -keep_last:]
+    else:
+        hidden = torch.cat([hidden[:, :1] * 0, hidden[:, :-1]], dim=1)  # [B, T, H]; position 0 is never scored
+    mask = mask.bool()
+    mask_flat_hidden = hidden[mask]                # [N, H]
+    targets = ids[mask]                            # [N]
+    logps, entropy = token_logprobs_from_hidden(
+        mask_flat_hidden, head, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+    )
+    with torch.no_grad():
+        hits = torch.cat([
+            (head(mask_flat_hidden[i:i + chunk_size]).argmax(-1) == targets[i:i + chunk_size])
+            for i in range(0, targets.numel(), chunk_size)
+        ]) if targets.numel() else targets.bool()
+    full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
+    return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)

@@ -1,0 +1,53 @@
+"""Supervised fine-tuning of a VLM on image+text conversations.
+
+Loss: per-token NLL on assistant (or completion) tokens only, image tokens never, normalised over the whole
+accumulated batch: sum over this micro-batch / (answer tokens in all micro-batches of the optimiser step), so
+batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same loss and update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data.collate import SFTCollator
+from ..models.forward import token_logps
+from .base import BaseConfig, VLMTrainer
+
+
+@dataclass
+class SFTConfig(BaseConfig):
+    """Configuration of `SFTTrainer` (a `transformers.TrainingArguments`)."""
+
+    learning_rate: float = 2e-5
+
+
+class SFTTrainer(VLMTrainer):
+    """`SFTTrainer(model=..., args=SFTConfig(...), train_dataset=..., processing_class=..., peft_config=...)`.
+
+    Rows: `messages` (+ `images` / `image`), or `prompt` + `completion`; text-only rows may be mixed in."""
+
+    data_kind = "sft"
+    # Our loss is already normalised over the accumulated batch (num_items_in_batch).
+    model_accepts_loss_kwargs = True
+    loss_is_scaled_for_ga = True
+
+    def make_collator(self):
+        return SFTCollator(self.encoder)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        mask = labels != -100                                     # [B, T]
+        logps, _, hits = token_logps(model, inputs, mask)         # [B, T] each
+        local_tokens = mask.sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
+        denominator = torch.as_tensor(denominator, device=logps.device).clamp(min=1)
+        loss = -(logps * mask).sum() / denominator
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        self.record("mean_token_accuracy", (hits & mask).sum() / local_tokens.clamp(min=1))
+        if model.training:
+            self._tokens_seen = getattr(self, "_tokens_seen", 0) + int(inputs["attention_mask"].sum())
+            self.record("num_tokens", self._tokens_seen)
+        return (loss, {"loss": loss}) if return_outputs else loss
