@@ -95,11 +95,18 @@ register(Family(
     eos_token="<|im_end|>",
     mrope=True,
 ))
+# Idefics3 / SmolVLM: the placeholder, the image block's wrapper and global-image tag, and the row/column
+# markers of split images (<row_1_col_1> ... <row_6_col_6>; emitted only with image splitting, which the tiny
+# models turn off).
+IDEFICS_IMAGE_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>") + tuple(
+    f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
+)
+
 register(Family(
     name="idefics3",
     model_types=("idefics3",),
     image_token="<image>",
-    vision_special_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
+    vision_special_tokens=IDEFICS_IMAGE_TOKENS,
     token_type_key=None,
     vision_module_patterns=(r"(^|\.)vision_model\.",),
     projector_module_patterns=(r"(^|\.)connector\.",),
@@ -110,7 +117,7 @@ register(Family(
     name="smolvlm",
     model_types=("smolvlm",),
     image_token="<image>",
-    vision_special_tokens=("<image>", "<fake_token_around_image>", "<global-img>"),
+    vision_special_tokens=IDEFICS_IMAGE_TOKENS,
     token_type_key=None,
     vision_module_patterns=(r"(^|\.)vision_model\.",),
     projector_module_patterns=(r"(^|\.)connector\.",),

@@ -17,6 +17,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -37,18 +38,37 @@ def torchvision_available() -> bool:
 def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`cls` with its video slot removed, for processors whose video processor needs torchvision.
 
-    transformers derives a processor's sub-processors from its ``__init__`` signature; the subclass's signature
-    lists only the image processor and the tokenizer, and calls the parent with ``video_processor=None``. The
-    subclass keeps the parent's name, so a saved ``processor_config.json`` names the real class.
+    transformers derives a processor's sub-processors from its ``__init__`` signature, and which saved settings it
+    passes back on loading from the ``__init__`` code's argument names (``from_args_and_dict``), and which
+    attributes it saves from the signature (``to_dict``). The subclass's ``__init__`` is generated with the parent's
+    arguments minus ``video_processor`` (so settings such as SmolVLM's ``image_seq_len`` are saved and reloaded),
+    and calls the parent with ``video_processor=None``. ``video_processor`` then reads as a stub whose settings are
+    ``None`` (SmolVLM's ``apply_chat_template`` reads ``video_processor.num_frames`` / ``.fps`` unconditionally).
+    The subclass keeps the parent's name, so a saved ``processor_config.json`` names the real class.
     """
     params = inspect.signature(cls.__init__).parameters
     if "video_processor" not in params:
         return cls
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        cls.__init__(self, image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
-
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__})
+    names, defaults = [], {}
+    for name, param in list(params.items())[1:]:
+        if name == "video_processor" or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            continue
+        names.append(name)
+        defaults[name] = None if param.default is inspect.Parameter.empty else param.default
+    arglist = ", ".join(f"{n}=_defaults[{n!r}]" for n in names)
+    passed = ", ".join(f"{n}={n}" for n in names)
+    source = (
+        f"def __init__(self, {arglist}, **kwargs):\n"
+        f"    _parent.__init__(self, {passed}, video_processor=None, **kwargs)\n"
+    )
+    namespace = {"_parent": cls, "_defaults": defaults}
+    exec(source, namespace)  # noqa: S102 - generated from the parent's own parameter names
+    attrs = {
+        "__init__": namespace["__init__"], "__module__": cls.__module__, "__doc__": cls.__doc__,
+        # A class attribute: read when the instance has none; never saved (`to_dict` reads the instance's dict).
+        "video_processor": SimpleNamespace(num_frames=None, fps=None),
+    }
+    return type(cls.__name__, (cls,), attrs)
 
 
 def _processor_class_name(path: Path) -> str | None:

@@ -153,16 +153,17 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
 
 # ------------------------------------------------------------------------------------------- shared text settings
 
-# tiny: ~0.1M text parameters besides the embeddings; small: hidden 256, 4 layers.
+# tiny: ~0.12M text parameters besides the embeddings (0.2-0.3M in all with the vision tower); small: hidden 256,
+# 4 layers (~3.5M).
 _TEXT = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2),
 }
 # Vision towers: tiny sees 28 px images in 7 px patches (4 x 4 patches), small 224 px (32 x 32) or 112 px (16 x 16).
 _VISION = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, patch_size=7),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, patch_size=7),
     "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=7),
 }
 
@@ -228,10 +229,11 @@ def _idefics(size: str, words, *, smolvlm: bool) -> Built:
 
 
 def _llava(size: str, words, *, siglip: bool) -> Built:
-    # LLaVA-1.5's "USER: <image>\n... ASSISTANT: ...</s>"; only the assistant turn ends with </s>.
+    # LLaVA-1.5's "<s>USER: <image>\n... ASSISTANT: ...</s>USER: ..."; only the assistant turn ends with </s>.
+    # The assistant start has no trailing space (see `chat_template`).
     template = chat_template(
         turn_start={"system": "", "user": "USER: ", "assistant": "ASSISTANT:"},
-        turn_end="</s>", user_turn_end="", image="<image>\n", bos="<s>", separator=" ",
+        turn_end="</s>", user_turn_end=" ", image="<image>\n", bos="<s>", separator="",
     )
     tok = build_tokenizer(
         ["<image>"], eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>", extra_words=words,

@@ -1,0 +1,238 @@
+"""Tiny random VLMs of every supported family: build -> save -> reload -> chat template -> forward -> generate.
+
+One module-scoped fixture per family builds the tiny model once (in memory and saved to a temporary directory) and
+reloads it with `AutoModelForImageTextToText` and `vlmalign.models.loading.load_processor`; the `small` size is
+only built in memory (~0.2 s a family).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from vlmalign.models.families import family_names, get_family
+from vlmalign.models.loading import load_processor
+from vlmalign.models.tiny import build_tiny_model, make_tiny_model
+from vlmalign.models.tokenizer import ANSWER_TAGS
+
+FAMILIES = family_names()
+
+# family -> (model class, processor class, image processor class, image placeholder tokens per 28x28 image)
+EXPECTED = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLImageProcessorPil", 4),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLImageProcessorPil", 4),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor", "Idefics3ImageProcessorPil", 4),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor", "SmolVLMImageProcessorPil", 4),
+    "llava_clip": ("LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessorPil", 16),
+    "llava_siglip": ("LlavaForConditionalGeneration", "LlavaProcessor", "SiglipImageProcessorPil", 16),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor", "Gemma3ImageProcessorPil", 4),
+}
+
+# Processor settings that must survive save -> load_processor (they fix the number of placeholder tokens).
+PROCESSOR_SETTINGS = ("image_seq_len", "image_seq_length", "patch_size", "vision_feature_select_strategy",
+                      "num_additional_image_tokens")
+
+ANSWERS = ["red", "<think>the shape is blue .</think><answer>blue</answer>"]
+
+
+def _image(color: str) -> Image.Image:
+    return Image.new("RGB", (28, 28), color)
+
+
+def _conversations(with_answers: bool = True) -> list[list[dict]]:
+    """Two conversations: one image (plain answer), two images (think + answer tags)."""
+    users = [
+        [{"type": "image", "image": _image("red")}, {"type": "text", "text": "what color is the shape ?"}],
+        [{"type": "image", "image": _image("blue")}, {"type": "image", "image": _image("green")},
+         {"type": "text", "text": "what ?"}],
+    ]
+    convs = []
+    for user, answer in zip(users, ANSWERS):
+        conv = [{"role": "user", "content": user}]
+        if with_answers:
+            conv.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        convs.append(conv)
+    return convs
+
+
+def _model_inputs(batch) -> dict:
+    return {k: v for k, v in batch.items() if k != "assistant_masks"}
+
+
+def _xfail_on_smolvlm_loader_bug(processor, built_processor=None) -> None:
+    """Known bug outside this module, checked for rather than assumed (the tests run in full once it is fixed)."""
+    if type(processor).__name__ != "SmolVLMProcessor":
+        return
+    lost_setting = built_processor is not None and processor.image_seq_len != built_processor.image_seq_len
+    if lost_setting or not hasattr(processor, "video_processor"):
+        pytest.xfail(
+            "vlmalign.models.loading.image_only_processor_class: the video-less SmolVLMProcessor neither saves "
+            "image_seq_len (its generated __init__ lacks the argument) nor has a video_processor "
+            "(SmolVLMProcessor.apply_chat_template reads video_processor.num_frames)"
+        )
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    name = request.param
+    family = get_family(name)
+    built_model, built_processor = build_tiny_model(name, "tiny")
+    path = make_tiny_model(name, "tiny", tmp_path_factory.mktemp(name))
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = load_processor(path)
+    _xfail_on_smolvlm_loader_bug(processor, built_processor)
+    return SimpleNamespace(name=name, family=family, path=path, model=model, processor=processor,
+                           tokenizer=processor.tokenizer, built_model=built_model, built_processor=built_processor)
+
+
+def test_real_classes_and_roundtrip(tiny):
+    model_cls, processor_cls, image_processor_cls, _ = EXPECTED[tiny.name]
+    assert type(tiny.model).__name__ == model_cls
+    assert type(tiny.processor).__name__ == processor_cls
+    assert type(tiny.processor.image_processor).__name__ == image_processor_cls
+    assert get_family(tiny.model) is tiny.family
+    # save -> reload keeps every weight (incl. the re-drawn zero-initialised ones) and the processor settings
+    saved = dict(tiny.model.named_parameters())
+    for key, value in tiny.built_model.named_parameters():
+        assert torch.equal(saved[key], value), key
+    for key in PROCESSOR_SETTINGS:
+        if hasattr(tiny.built_processor, key):
+            assert getattr(tiny.processor, key) == getattr(tiny.built_processor, key), key
+    assert tiny.processor.chat_template == tiny.built_processor.chat_template
+
+
+def test_config_matches_tokenizer(tiny):
+    tok, config = tiny.tokenizer, tiny.model.config
+    text = config.get_text_config()
+    assert text.vocab_size == len(tok)
+    assert tiny.model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert text.pad_token_id == tok.pad_token_id is not None
+    assert text.bos_token_id == tok.bos_token_id
+    eos_id = tok.convert_tokens_to_ids(tiny.family.eos_token)
+    assert tok.eos_token == tiny.family.eos_token
+    assert tiny.model.generation_config.eos_token_id == eos_id
+    assert tiny.model.generation_config.pad_token_id == tok.pad_token_id
+    image_id = tiny.family.image_token_id(tiny.model)
+    assert tok.convert_tokens_to_ids(tiny.family.image_token) == image_id
+    # no all-zero weight matrix left (transformers zero-initialises Gemma3's projector)
+    for key, value in tiny.model.named_parameters():
+        assert value.dim() < 2 or value.any(), key
+
+
+def test_parameter_count(tiny):
+    n = sum(p.numel() for p in tiny.model.parameters())
+    assert 0.2e6 <= n <= 2e6, n
+
+
+def test_tokenizer_words_and_tags(tiny):
+    tok = tiny.tokenizer
+    try:
+        from vlmalign.data.synthetic import TASK_WORDS
+    except ImportError:
+        TASK_WORDS = []
+    for word in TASK_WORDS:
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, word
+        assert len(tok.encode(" " + word, add_special_tokens=False)) == 1, word
+    for tag in ANSWER_TAGS:
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
+    text = "<think>the shape is red .</think><answer>red</answer>"
+    ids = tok.encode(tiny.family.eos_token + text + tiny.family.eos_token, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.encode("what color", add_special_tokens=True) == tok.encode("what color", add_special_tokens=False)
+
+
+def test_registry(tiny):
+    fam = tiny.family
+    names = [name for name, _ in tiny.model.named_parameters()]
+    vision = [n for n in names if fam.is_vision_param(n)]
+    projector = [n for n in names if fam.is_projector_param(n)]
+    language = [n for n in names if re.search(fam.language_model_pattern, n)]
+    assert vision and projector and language
+    assert not set(vision) & set(projector)
+    assert not (set(vision) | set(projector)) & set(language)
+    # every parameter belongs to one part (the LM head sits outside the language model module)
+    assert set(names) - set(vision) - set(projector) - set(language) <= {"lm_head.weight"}
+    vocab = tiny.tokenizer.get_vocab()
+    special = {t.content for t in tiny.tokenizer.added_tokens_decoder.values() if t.special}
+    for token in fam.vision_special_tokens:
+        assert token in vocab and token in special, token
+        assert tiny.tokenizer.decode([vocab[token]], skip_special_tokens=True) == "", token
+    suppressed = fam.suppress_token_ids(tiny.tokenizer)
+    assert fam.image_token_id(tiny.model) in suppressed
+    assert tiny.tokenizer.convert_tokens_to_ids(fam.eos_token) not in suppressed
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_chat_batch_forward(tiny, side):
+    fam, tok = tiny.family, tiny.tokenizer
+    convs = _conversations()
+    batch = tiny.processor.apply_chat_template(
+        convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
+        processor_kwargs=dict(padding=True, padding_side=side),
+    )
+    ids, mask, assistant = batch["input_ids"], batch["attention_mask"], batch["assistant_masks"].bool()
+    pad_column = mask[:, 0] if side == "left" else mask[:, -1]
+    assert (pad_column == 0).any()  # the shorter row is padded on the requested side
+    image_id = fam.image_token_id(tiny.model)
+    per_image = EXPECTED[tiny.name][3]
+    assert 4 <= per_image <= 16
+    for row, answer in enumerate(ANSWERS):
+        assert tok.decode(ids[row][assistant[row]]) == answer + fam.eos_token
+        assert int((ids[row] == image_id).sum()) == (row + 1) * per_image
+        if tok.bos_token_id is not None:  # BOS exactly once (the template's; the processor adds none)
+            assert int((ids[row] == tok.bos_token_id).sum()) == 1
+    if fam.token_type_key is not None:
+        assert fam.token_type_key in batch
+        expected = fam.token_type_ids(ids, image_id) * mask
+        assert torch.equal(batch[fam.token_type_key] * mask, expected)
+    labels = torch.where(assistant & mask.bool(), ids, -100)
+    tiny.model.zero_grad()
+    out = tiny.model(**_model_inputs(batch), labels=labels)
+    assert out.logits.shape[:2] == ids.shape
+    assert torch.isfinite(out.logits).all()
+    loss = out.loss.item()
+    assert math.isfinite(loss) and abs(loss - math.log(len(tok))) < 0.6, (loss, math.log(len(tok)))
+    out.loss.backward()
+    grad_norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in tiny.model.parameters() if p.grad is not None))
+    tiny.model.zero_grad()
+    assert 0 < grad_norm.item() < 100
+
+
+def test_generate(tiny):
+    fam, tok = tiny.family, tiny.tokenizer
+    prompts = tiny.processor.apply_chat_template(
+        _conversations(with_answers=False), tokenize=True, return_dict=True, add_generation_prompt=True,
+        return_tensors="pt", processor_kwargs=dict(padding=True, padding_side="left"),
+    )
+    suppressed = fam.suppress_token_ids(tok)
+    torch.manual_seed(0)
+    out = tiny.model.generate(**prompts, max_new_tokens=4, min_new_tokens=4, do_sample=True,
+                              suppress_tokens=suppressed)
+    new = out[:, prompts["input_ids"].shape[1]:]
+    assert new.shape == (2, 4)
+    assert not set(new.flatten().tolist()) & set(suppressed)
+    assert all(0 <= i < len(tok) for i in new.flatten().tolist())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_small_size(name):
+    family = get_family(name)
+    model, processor = build_tiny_model(name, "small")
+    _xfail_on_smolvlm_loader_bug(processor)
+    text = model.config.get_text_config()
+    assert text.hidden_size >= 256 and text.num_hidden_layers >= 4
+    assert text.vocab_size == len(processor.tokenizer)
+    conv = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (64, 48), "red")},
+                                         {"type": "text", "text": "what color ?"}]}]
+    batch = processor.apply_chat_template(conv, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                          return_tensors="pt")
+    assert int((batch["input_ids"] == family.image_token_id(model)).sum()) >= 256
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.logits).all()
