@@ -122,7 +122,7 @@ def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike) -> Non
     names = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
              "SmolVLMProcessor": "SmolVLMVideoProcessor"}
     video_type = names.get(type(processor).__name__)
-    if video_type is None or getattr(processor, "video_processor", None) is not None:
+    if video_type is None or "video_processor" in vars(processor):  # a real video processor saved its own config
         return
     keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std", "do_resize",
             "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb", "max_image_size")

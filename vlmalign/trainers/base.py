@@ -32,14 +32,14 @@ class BaseConfig(TrainingArguments):
     freeze_projector: bool = field(default=False, metadata={"help": "Freeze the vision->text projector."})
     lora_include_vision: bool = field(default=False, metadata={"help": "Also put LoRA adapters on the vision tower "
                                       "and projector (default: language model only)."})
-    model_init_kwargs: dict | str | None = field(default=None, metadata={"help": "kwargs for from_pretrained when "
+    model_init_kwargs: dict | None = field(default=None, metadata={"help": "kwargs for from_pretrained when "
                                                  "the model is given as a path (e.g. {'dtype': 'bfloat16'})."})
     max_image_pixels: int | None = field(default=None, metadata={"help": "Decompression-bomb limit per image "
                                          "(default: PIL's)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
     # Defaults that differ from TrainingArguments
     logging_steps: float = 10
-    report_to: str | list[str] | None = "none"
+    report_to: None | str | list[str] = "none"
     remove_unused_columns: bool = False
     save_only_model: bool = False
 
