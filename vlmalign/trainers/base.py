@@ -1,9 +1,21 @@
 """What every vlmalign trainer shares: the config fields, model / processor / PEFT set-up, data preparation, metric
-logging and saving. The method trainers (sft.py, dpo.py, grpo.py) add their loss and nothing else."""
+logging and saving. The method trainers (sft.py, dpo.py, grpo.py) add their loss and nothing else.
+
+Reliability (docs/reliability.md), for every trainer through `VLMTrainer`:
+
+* atomic checkpoints (checkpoint.py): written under ``.tmp-checkpoint-N/`` and renamed to ``checkpoint-N`` when
+  complete, subclass additions included (any `_save_checkpoint` override is wrapped, see `__init_subclass__`);
+* a non-finite loss or gradient stops training, or skips the step (guards.py, ``nonfinite_policy``);
+* counters a resumed run needs (`_resumable_attrs`) are saved in ``vlmalign_state.json`` in each checkpoint.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import os
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +23,20 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, rotate_checkpoints, set_seed
 
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
 from ..models.families import Family, get_family
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
+from . import checkpoint as ckpt
+from .guards import POLICIES, NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
+
+VLMALIGN_STATE_NAME = "vlmalign_state.json"
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
 @dataclass
@@ -37,6 +55,11 @@ class BaseConfig(TrainingArguments):
     max_image_pixels: int | None = field(default=None, metadata={"help": "Decompression-bomb limit per image "
                                          "(default: PIL's)."})
     disable_dropout: bool = field(default=True, metadata={"help": "Set every dropout probability to 0."})
+    nonfinite_policy: str = field(default="raise", metadata={"help": "On a non-finite loss or gradient: 'raise' "
+                                  "(stop, naming the step; weights untouched) or 'skip' (drop that optimizer step, "
+                                  "count it in the metric nonfinite_skipped)."})
+    checkpoint_fsync: bool = field(default=True, metadata={"help": "fsync checkpoint files before the atomic "
+                                   "rename (survives power loss, not only a killed process)."})
     # Defaults that differ from TrainingArguments
     logging_steps: float = 10
     report_to: None | str | list[str] = "none"
@@ -49,6 +72,8 @@ class BaseConfig(TrainingArguments):
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         if self.truncation_policy not in ("drop", "raise"):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
+        if self.nonfinite_policy not in POLICIES:
+            raise ValueError(f"nonfinite_policy must be one of {POLICIES}, got {self.nonfinite_policy!r}")
         super().__post_init__()
 
 
@@ -121,11 +146,40 @@ class MetricsMixin:
         super().log(logs, start_time)
 
 
+def _atomic_checkpoint(save_checkpoint):
+    """Make a `_save_checkpoint` implementation atomic. The outermost call (the most derived override, which
+    Trainer calls) stages the whole save, its `super()` chain and additions included; inner calls pass through."""
+    if getattr(save_checkpoint, "_vlmalign_atomic", False):
+        return save_checkpoint
+
+    @functools.wraps(save_checkpoint)
+    def wrapper(self, model, trial, *args, **kwargs):
+        if getattr(self, "_ckpt_staging", None) is not None:
+            return save_checkpoint(self, model, trial, *args, **kwargs)
+        return self._staged_save(functools.partial(save_checkpoint, self, model, trial, *args, **kwargs), trial)
+
+    wrapper._vlmalign_atomic = True
+    return wrapper
+
+
 class VLMTrainer(MetricsMixin, Trainer):
     """transformers.Trainer + vlmalign's model, processor and data set-up. Subclasses set `data_kind` and build
-    their collator in `make_collator`."""
+    their collator in `make_collator`.
+
+    Subclasses that add files to a checkpoint override `_save_checkpoint` as usual (call super(), then write into
+    ``os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")``): the override is made
+    atomic automatically. Plain JSON-able counters a resumed run needs can instead be listed in
+    `_resumable_attrs` (saved in vlmalign_state.json, restored on resume)."""
 
     data_kind: str = "sft"
+    _resumable_attrs: tuple[str, ...] = ()
+    _ckpt_staging: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("_save_checkpoint")
+        if own is not None:
+            cls._save_checkpoint = _atomic_checkpoint(own)
 
     def __init__(
         self,
@@ -139,11 +193,15 @@ class VLMTrainer(MetricsMixin, Trainer):
         **kwargs: Any,
     ):
         model_path = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
+        # Seed before anything random is built (LoRA adapters' initialisation), as Trainer seeds itself later:
+        # otherwise two runs of one config in a process start from different adapters.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model, self.family = prepare_model(model, args, peft_config)
         if processing_class is None:
             if not model_path:
                 raise ValueError("processing_class is required when the model was not loaded from a path")
-            processing_class = load_processor(model_path)
+            remote = bool((args.model_init_kwargs or {}).get("trust_remote_code", False))
+            processing_class = load_processor(model_path, **({"trust_remote_code": True} if remote else {}))
         self.encoder = Encoder(processing_class, self.family, self.family.image_token_id(unwrap_model(model)))
         prep = dict(max_length=args.max_length, truncation_policy=args.truncation_policy,
                     max_image_pixels=args.max_image_pixels)
@@ -153,6 +211,9 @@ class VLMTrainer(MetricsMixin, Trainer):
         else:
             eval_dataset = prepare_rows(eval_dataset, self.data_kind, self.encoder, name="eval_dataset", **prep)
         self._init_metrics()
+        self._guard = NonFiniteGuard(getattr(args, "nonfinite_policy", "raise"))
+        self._guard_checked, self._guard_verdict = False, None
+        self._ckpt_push_pending = False
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=self.make_collator(), callbacks=callbacks, **kwargs,
@@ -164,4 +225,209 @@ class VLMTrainer(MetricsMixin, Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
         save_processor(self.processing_class, output_dir)
+        stale = [name for name in PICKLE_WEIGHT_FILES if os.path.exists(os.path.join(output_dir, name))]
+        if stale:  # transformers 5 writes safetensors only: these come from an earlier run in the same directory
+            logger.warning("%s holds pickle weight files not written by this save: %s", output_dir, stale)
+
+    # ------------------------------------------------------------------------------------- training loop
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        """`Trainer.train`, with staging directories of interrupted saves removed first, and
+        ``resume_from_checkpoint=True`` resolved to the last *complete* ``checkpoint-N`` of ``output_dir`` (also
+        the strings "true" / "last", as the CLI's ``--resume_from_checkpoint`` passes them, unless such a path
+        exists)."""
+        if (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last")
+                and not os.path.exists(resume_from_checkpoint)):
+            resume_from_checkpoint = True
+        if self.args.should_save:
+            ckpt.remove_stale_staging(self.args.output_dir, " at the start of training")
+        self.accelerator.wait_for_everyone()
+        if resume_from_checkpoint is True:
+            last = ckpt.last_complete_checkpoint(self.args.output_dir)
+            if last is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            logger.info("Resuming from the last complete checkpoint, %s", last)
+            resume_from_checkpoint = last
+        self._guard.reset()
+        self._guard.skipped = 0
+        self._guard_checked, self._guard_verdict = False, None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._guard.record_loss(loss)  # checked at the optimizer step (one sync per step)
+        return loss
+
+    def _check_before_optimizer_step(self) -> None:
+        """Run the non-finite guard once per optimizer step, before clipping; raise or drop the step's gradients."""
+        if self._guard_checked:
+            return
+        self._guard_checked = True
+        # Under fp16 a GradScaler skips steps with inf/NaN gradients (and lowers its scale) by design: only the
+        # loss is checked then.
+        check_grads = getattr(self.accelerator, "scaler", None) is None
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = functools.partial(self.accelerator.reduce, reduction="sum")
+        verdict = self._guard.check(self.model.named_parameters(), check_grads=check_grads, reduce=reduce,
+                                    device=self.args.device if reduce is not None else None)
+        self._guard_verdict = verdict
+        if verdict is None:
+            return
+        step = self.state.global_step + 1
+        what = verdict.describe(step)
+        if self._guard.policy == "raise":
+            raise NonFiniteError(
+                f"{what[0].upper()}{what[1:]}. The optimizer step was not taken: the weights are those after step "
+                f"{step - 1}. Set nonfinite_policy='skip' to skip such steps instead.",
+                step=step, kind=verdict.kind, parameter=verdict.parameter)
+        self._drop_gradients()
+        self._guard.skipped += 1
+        logger.warning("%s: optimizer step skipped (%d so far)", what, self._guard.skipped)
+
+    def _drop_gradients(self) -> None:
+        """Make the coming optimizer.step() a no-op: optimizers leave parameters without a gradient untouched
+        (moments, step counts and weight decay included). Under a GradScaler, fill them with NaN instead: the
+        scaler then skips the step itself (it asserts that it saw gradients)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        params = list(self.model.parameters())
+        if self.optimizer is not None:
+            params += [p for group in self.optimizer.param_groups for p in group["params"]]
+        for param in params:
+            if param.grad is not None:
+                if scaler is not None:
+                    param.grad.fill_(float("nan"))
+                else:
+                    param.grad = None
+
+    def _clip_grad_norm(self, model):
+        self._check_before_optimizer_step()
+        if self._guard_verdict is not None:  # skipped step: nothing to clip
+            return torch.tensor(self._guard_verdict.grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._check_before_optimizer_step()  # no-op when _clip_grad_norm ran it
+        verdict, self._guard_checked, self._guard_verdict = self._guard_verdict, False, None
+        if verdict is not None:
+            return verdict.grad_norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._guard.policy == "skip" and ("loss" in logs or "train_loss" in logs):
+            logs = {**logs, "nonfinite_skipped": self._guard.skipped}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def _resumable_state(self) -> dict:
+        state = {"nonfinite_skipped": self._guard.skipped}
+        state.update({name: getattr(self, name) for name in self._resumable_attrs if hasattr(self, name)})
+        return state
+
+    @_atomic_checkpoint
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, VLMALIGN_STATE_NAME), "w", encoding="utf-8") as f:
+                json.dump(self._resumable_state(), f, indent=2, sort_keys=True)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on every resume path (plain, DDP, FSDP, DeepSpeed).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, VLMALIGN_STATE_NAME) if checkpoint else None
+        if path and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+            self._guard.skipped = int(state.pop("nonfinite_skipped", 0))
+            for name, value in state.items():
+                if name in self._resumable_attrs:
+                    setattr(self, name, value)
+
+    def _plain_pretrained_model(self, model=None):
+        """The unwrapped model when it is a plain (non-PEFT) PreTrainedModel trained without FSDP / DeepSpeed."""
+        from transformers import PreTrainedModel
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return model if isinstance(model, PreTrainedModel) else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.23 resumes with a raw load_state_dict of a file saved in the hub key layout: for models
+        # with a conversion mapping (Qwen2-VL, LLaVA, Gemma3, ...) nothing loads (see checkpoint.needs_key_conversion).
+        target = self._plain_pretrained_model(model)
+        if target is not None and ckpt.needs_key_conversion(target, resume_from_checkpoint):
+            logger.info("Loading model weights from %s with the model's key conversion", resume_from_checkpoint)
+            ckpt.load_converted_weights(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        target = self._plain_pretrained_model()
+        if best and target is not None and ckpt.needs_key_conversion(target, best):
+            logger.info("Loading best model from %s (score: %s) with the model's key conversion", best,
+                        self.state.best_metric)
+            ckpt.load_converted_weights(target, best)
+            return
+        super()._load_best_model()
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, Trainer (and subclass overrides) build its folder as
+        # os.path.join(self._get_output_dir(trial), "checkpoint-N"): that lands in the staging directory.
+        if self._ckpt_staging is not None:
+            return self._ckpt_staging
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._ckpt_staging is not None:  # push the published folder, after the rename
+            self._ckpt_push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _staged_save(self, save, trial) -> None:
+        """Write a checkpoint into ``<run_dir>/.tmp-checkpoint-N/checkpoint-N`` with `save()` (the full
+        `_save_checkpoint` chain), then rename it to ``<run_dir>/checkpoint-N``, then rotate old checkpoints."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        root = ckpt.staging_root(run_dir, self.state.global_step)
+        staged, final = os.path.join(root, name), os.path.join(run_dir, name)
+        if self.args.should_save:
+            ckpt.remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()  # nobody writes into a staging directory being removed
+        self._ckpt_staging, self._ckpt_push_pending = root, False
+        try:
+            save()
+            self.accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(root, ignore_errors=True)
+            raise
+        finally:
+            self._ckpt_staging = None
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.abspath(best).startswith(os.path.abspath(root) + os.sep):
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, root))
+        if self.args.should_save:
+            if os.path.isdir(staged):
+                ckpt.fix_state_paths(staged, root, run_dir)
+                ckpt.publish(staged, final, fsync=getattr(self.args, "checkpoint_fsync", True))
+                logger.info("Checkpoint %s complete", final)
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+            # Trainer rotated inside the staging directory (a no-op there): rotate the real one, after the new
+            # checkpoint is complete.
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()  # the checkpoint is published before anyone goes on
+        if self._ckpt_push_pending:
+            self._ckpt_push_pending = False
+            super()._push_from_checkpoint(final)

@@ -32,6 +32,8 @@ class SFTTrainer(VLMTrainer):
     # Our loss is already normalised over the accumulated batch (num_items_in_batch).
     model_accepts_loss_kwargs = True
     loss_is_scaled_for_ga = True
+    # the num_tokens metric's running count continues across a resume (saved in each checkpoint)
+    _resumable_attrs = ("_tokens_seen",)
 
     def make_collator(self):
         return SFTCollator(self.encoder)
