@@ -1,0 +1,303 @@
+"""GRPO / GSPO / DAPO / Dr. GRPO for VLMs: sample groups of completions, score them, update with a clipped objective.
+
+Batch geometry (TRL 1.16's; W processes, G = `num_generations`; see `vlmalign.rl.buffer`):
+
+* `per_device_train_batch_size` counts *completions* per process per micro-step;
+* `steps_per_generation` (default `gradient_accumulation_steps`) micro-steps share one generation batch of
+  `generation_batch_size = per_device_train_batch_size * W * steps_per_generation` completions (all processes),
+  i.e. `generation_batch_size / G` prompts; give one of the two, the other is derived; it must be a multiple of G;
+* the generation batch is used `num_iterations` (mu) times, so prompts are sampled every
+  `steps_per_generation * num_iterations` micro-steps; each pass over it uses a fresh seeded permutation cut into
+  `steps_per_generation` micro-batches;
+* old-policy log-probs are computed once per generation batch, and only when the batch is used across optimiser
+  steps (`gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0`); otherwise the loss uses
+  the current log-probs, detached (ratio 1), as in TRL.
+
+Per generation batch: each process samples its completions (one random stream per completion, so the result does
+not depend on the number of processes: `vlmalign.rl.sampling`), the prompts / completions / columns of all processes
+are gathered and every process computes the rewards and group advantages of the whole batch (groups may be split
+across processes) and keeps its slice. Loss normalisation: `dapo` divides the summed token loss by the loss tokens
+of the whole generation batch, scaled to one optimiser step and to DDP's gradient averaging
+(`N * GA / (steps_per_generation * W)`, TRL's); `grpo`, `bnpo` and `dr_grpo` are micro-batch means divided by GA.
+Log-probs (policy, old, reference) are those of the sampling distribution, logits / `temperature`, as in TRL.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import gather_object
+
+from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, policy_loss
+from ..models.forward import token_logps
+from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
+from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler
+from ..rl.completions import completion_logps, completion_metrics, forward_batch, write_completions_log
+from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name, reward_metrics
+from ..rl.rollout import SamplingConfig
+from ..rl.sampling import derive_seed, sample_completions
+from .base import BaseConfig, VLMTrainer
+from .reference import make_reference_model, reference_forward
+
+#: GSPO (Zheng et al. 2025, arXiv 2507.18071) as in TRL's paper index; also set steps_per_generation to
+#: 4 x gradient_accumulation_steps (`GRPOConfig.gspo(...)` does both).
+GSPO_PRESET = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.0, epsilon=3e-4, epsilon_high=4e-4)
+GSPO_STEPS_PER_GENERATION_FACTOR = 4
+
+
+@dataclass
+class GRPOConfig(BaseConfig):
+    """Configuration of `GRPOTrainer` (a `transformers.TrainingArguments`); defaults are TRL 1.16's."""
+
+    learning_rate: float = 1e-6
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G, >= 2)."})
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    generation_batch_size: int | None = field(default=None, metadata={"help": "Completions per generation batch, "
+                                              "all processes (default per_device_train_batch_size x W x "
+                                              "steps_per_generation)."})
+    steps_per_generation: int | None = field(default=None, metadata={"help": "Micro-steps per generation batch "
+                                             "(default gradient_accumulation_steps)."})
+    num_iterations: int = field(default=1, metadata={"help": "Passes over each generation batch (mu)."})
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient; > 0 keeps a reference model."})
+    importance_sampling_level: str = "token"
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    mask_truncated_completions: bool = False
+    reward_weights: list[float] | None = None
+    shuffle_dataset: bool = True
+    log_completions: bool = False
+    completions_log_steps: int | None = field(default=None, metadata={"help": "Write completions.jsonl every N "
+                                              "steps (default logging_steps)."})
+    # The LM head runs outside the wrapped forward (vlmalign.models.forward bypasses it), which DDP's unused-parameter
+    # search would mark unused and then see used ("marked ready twice"); every trainable parameter is used anyway.
+    ddp_find_unused_parameters: bool | None = False
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        super().__post_init__()
+        for name, value, valid in (("scale_rewards", self.scale_rewards, SCALE_REWARDS),
+                                   ("loss_type", self.loss_type, POLICY_LOSS_TYPES),
+                                   ("importance_sampling_level", self.importance_sampling_level,
+                                    IMPORTANCE_SAMPLING_LEVELS)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (group statistics), got {self.num_generations}")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.auto_find_batch_size:
+            raise ValueError("auto_find_batch_size is not supported: the batch geometry is fixed up front")
+        per_step = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("give generation_batch_size or steps_per_generation, not both")
+        if self.generation_batch_size is not None:
+            if self.generation_batch_size % per_step:
+                raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                                 f"per_device_train_batch_size x processes ({per_step})")
+            self.steps_per_generation = self.generation_batch_size // per_step
+        else:
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
+            self.generation_batch_size = per_step * self.steps_per_generation
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                             f"num_generations ({self.num_generations})")
+        if self.importance_sampling_level != "token" and self.loss_type in ("bnpo", "dr_grpo", "dapo"):
+            warnings.warn(f"importance_sampling_level={self.importance_sampling_level!r} with loss_type="
+                          f"{self.loss_type!r} weights sequences by length; GSPO uses loss_type='grpo'", stacklevel=2)
+        if self.completions_log_steps is None:
+            self.completions_log_steps = max(1, int(self.logging_steps))
+
+    @classmethod
+    def gspo(cls, **kwargs) -> "GRPOConfig":
+        """A config with `GSPO_PRESET` and steps_per_generation = 4 x gradient_accumulation_steps; `kwargs`
+        override (e.g. a larger `epsilon` for a tiny model)."""
+        settings = {**GSPO_PRESET, **kwargs}
+        if settings.get("steps_per_generation") is None and settings.get("generation_batch_size") is None:
+            ga = settings.get("gradient_accumulation_steps", 1)
+            settings["steps_per_generation"] = GSPO_STEPS_PER_GENERATION_FACTOR * ga
+        return cls(**settings)
+
+
+def collate_rows(rows: list[dict]) -> dict:
+    """No processing at load time: the trainer encodes what it generates from and trains on."""
+    return {"rows": rows}
+
+
+class GRPOTrainer(VLMTrainer):
+    """`GRPOTrainer(model=..., reward_funcs=[...], args=GRPOConfig(...), train_dataset=..., processing_class=...,
+    peft_config=...)`.
+
+    Rows: `prompt` (conversational) + `images` / `image`; every other column goes to the reward functions.
+    `reward_funcs`: callables, built-in names ("accuracy", "format", "think_format") or "module:function" paths.
+    Reference (beta > 0): the PEFT policy with adapters disabled, otherwise a frozen copy of the initial policy."""
+
+    data_kind = "prompt"
+    model_accepts_loss_kwargs = False
+    loss_is_scaled_for_ga = True   # compute_loss scales for gradient accumulation itself (per loss_type)
+    _resumable_attrs = ("_step", "_rounds")   # a resumed run continues the cycle and the sampling streams
+
+    def __init__(self, model, reward_funcs, args: GRPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, **kwargs):
+        args = args if args is not None else GRPOConfig(output_dir="grpo-output")
+        funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
+        if not funcs:
+            raise ValueError("GRPOTrainer needs at least one reward function")
+        self.reward_funcs = [get_reward_function(f) for f in funcs]
+        self.reward_func_names = [reward_function_name(f) for f in self.reward_funcs]
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
+        if eval_dataset is not None and (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
+            raise ValueError("per_device_eval_batch_size x processes must be a multiple of num_generations")
+        super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
+        self.ref_model = make_reference_model(self.model, args, None, self.accelerator) if args.beta > 0 else None
+        self.sampling = SamplingConfig(
+            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, do_sample=True)
+        self._step = 0                            # micro-steps taken (TRL's _step)
+        self._rounds = {"train": 0, "eval": 0}    # generation batches sampled (seeds the sampling streams)
+        self._buffer: GenerationBuffer | None = None
+
+    def make_collator(self):
+        return collate_rows
+
+    # ---------------------------------------------------------------------------------------------- data
+
+    def _get_train_sampler(self, train_dataset=None):
+        args = self.args
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatSampler(len(dataset), args.num_generations, args.generation_batch_size // args.num_generations,
+                             args.steps_per_generation * args.num_iterations, shuffle=args.shuffle_dataset,
+                             seed=args.seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return RepeatSampler(len(eval_dataset), self.args.num_generations, shuffle=False)
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("GRPOTrainer: training requires a train_dataset")
+        # one process's share of a generation batch per micro-step (re-yielded for the reuse steps)
+        size = self._train_batch_size * self.args.steps_per_generation
+        return self._get_dataloader(self.train_dataset, "Training", size, self._get_train_sampler, is_training=True)
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """Whether a generation batch is used across optimiser steps (then the sampling policy's log-probs are
+        needed); TRL's condition."""
+        args = self.args
+        return args.gradient_accumulation_steps % (args.steps_per_generation * args.num_iterations) != 0
+
+    def _prepare_inputs(self, inputs):
+        if not self.model.training:
+            return inputs                                     # evaluation: prediction_step scores the batch
+        args = self.args
+        position = self._step % (args.steps_per_generation * args.num_iterations)
+        if position == 0 or self._buffer is None:
+            round_ = self._rounds["train"]
+            batch = self._generate_and_score(inputs["rows"])
+            seed = derive_seed(args.seed, round_, self.accelerator.process_index)
+            self._buffer = GenerationBuffer(batch, args.steps_per_generation, seed=seed)
+        iteration, micro = divmod(position, args.steps_per_generation)
+        self._step += 1
+        return self._with_forward_batch(self._buffer.micro_batch(iteration, micro))
+
+    def _with_forward_batch(self, micro: dict) -> dict:
+        micro["inputs"] = forward_batch(self.encoder, micro["rows"], micro["completion_ids"],
+                                        micro["completion_mask"], self.accelerator.device)
+        return micro
+
+    # ------------------------------------------------------------------------------------ generate + score
+
+    def _generate_and_score(self, rows: list[dict]) -> GenerationBatch:
+        args, acc = self.args, self.accelerator
+        mode = "train" if self.model.training else "eval"
+        round_ = self._rounds[mode]
+        self._rounds[mode] += 1
+        n, rank, world = len(rows), acc.process_index, acc.num_processes
+        seeds = [derive_seed(args.seed, mode == "eval", round_, rank * n + i) for i in range(n)]
+        rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling)
+        device = acc.device
+        ids, mask = rollout.completion_ids.to(device), rollout.completion_mask.to(device)
+        truncated = rollout.truncated.to(device)
+
+        # rewards and advantages over the whole generation batch (all processes), then this process's slice
+        local_ids = [c[m.bool()].tolist() for c, m in zip(ids.cpu(), mask.cpu())]
+        all_rows, all_texts, all_ids = gather_object(rows), gather_object(rollout.texts), gather_object(local_ids)
+        columns = {k: [r.get(k) for r in all_rows] for k in all_rows[0] if k != "prompt"}
+        per_func, total = compute_rewards(self.reward_funcs, [r["prompt"] for r in all_rows], all_texts, all_ids,
+                                          columns, args.reward_weights)
+        advantages, group_stats = group_advantages(total, args.num_generations, args.scale_rewards)
+
+        loss_mask = mask * (~truncated).unsqueeze(1).to(mask.dtype) if args.mask_truncated_completions else mask
+        num_items = acc.gather(loss_mask.sum().reshape(1).float()).sum().item()
+        batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
+        old = ref = None
+        if mode == "train" and self.needs_old_logps:
+            old = self._old_logps(rows, ids, mask, batch_size)
+        if args.beta > 0:
+            with reference_forward(self.model, self.ref_model) as ref_model:
+                ref = completion_logps(ref_model, self.encoder, rows, ids, mask, batch_size=batch_size,
+                                       temperature=args.temperature)
+
+        metrics = reward_metrics(per_func, total, self.reward_func_names)
+        metrics.update(group_stats)                       # reward_std: mean group std, as TRL logs it
+        metrics.update(completion_metrics(acc.gather(mask.sum(1)), acc.gather(truncated.long())))
+        for name, value in metrics.items():
+            self.record(name, value)
+        if (args.log_completions and mode == "train" and acc.is_main_process
+                and self.state.global_step % args.completions_log_steps == 0):
+            write_completions_log(f"{args.output_dir}/completions.jsonl", self.state.global_step, all_rows,
+                                  all_texts, per_func, self.reward_func_names, total, advantages)
+        return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
+                               advantages=slice_for_process(advantages, rank, world).to(device),
+                               num_items_in_batch=num_items, old_logps=old, ref_logps=ref)
+
+    def _old_logps(self, rows, ids, mask, batch_size) -> torch.Tensor:
+        """Log-probs of the sampling policy, once per generation batch."""
+        return completion_logps(self.model, self.encoder, rows, ids, mask, batch_size=batch_size,
+                                temperature=self.args.temperature)
+
+    # ------------------------------------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mask = inputs["completion_mask"]
+        logps, entropy, _ = token_logps(model, inputs["inputs"], mask, keep_last=mask.shape[1], with_entropy=True,
+                                        temperature=args.temperature)
+        old = inputs["old_logps"] if inputs["old_logps"] is not None else logps.detach()
+        training = model.training
+        ga = args.gradient_accumulation_steps if training else 1
+        spg = args.steps_per_generation if training else 1
+        # dapo: tokens of the whole generation batch, per optimiser step, times W for DDP's gradient averaging
+        normalizer = inputs["num_items_in_batch"] * ga / (spg * self.accelerator.num_processes)
+        loss, metrics = policy_loss(
+            logps, old, inputs["advantages"], inputs["loss_mask"], epsilon_low=args.epsilon,
+            epsilon_high=args.epsilon_high, delta=args.delta, importance_sampling_level=args.importance_sampling_level,
+            loss_type=args.loss_type, beta=args.beta, ref_logps=inputs["ref_logps"],
+            max_completion_length=args.max_completion_length, num_items_in_batch=normalizer)
+        if args.loss_type != "dapo":
+            loss = loss / ga
+        maskf = mask.to(entropy.dtype)
+        metrics["entropy"] = (entropy.detach() * maskf).sum() / maskf.sum().clamp(min=1)
+        names = sorted(metrics)
+        values = self.accelerator.gather(torch.stack([metrics[k].float() for k in names]).unsqueeze(0)).mean(0)
+        for name, value in zip(names, values.tolist()):
+            self.record(name, value)
+        return (loss, {"loss": loss.detach()}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            batch = self._generate_and_score(inputs["rows"])
+            loss = self.compute_loss(model, self._with_forward_batch(batch.select(list(range(len(batch))))))
+        return loss.detach(), None, None
