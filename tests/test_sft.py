@@ -184,3 +184,30 @@ def test_cli_trains_from_yaml_on_saved_dataset(tiny_model_dir, tmp_path):
     assert "train_loss" in result.stdout + result.stderr
     model, processor = _load(tmp_path / "cli_out")  # model + processor saved together
     assert model.config.model_type == "qwen2_vl" and processor.tokenizer is not None
+
+
+def test_two_processes_match_one_with_text_only_batches(tiny_model_dir, tmp_path):
+    """DDP (2 CPU processes, gloo) with a process whose batch has no image: trains, and gives the same losses and
+    parameters as one process with the same global batch (per-token normalisation across processes)."""
+    import json
+    import os
+    import socket
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "sft_two_process.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    model = str(tiny_model_dir("qwen2_vl"))
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    for cmd in ([sys.executable, str(script), model, str(one)],
+                [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                 str(port), str(script), model, str(two)]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6)

@@ -68,7 +68,7 @@ def parse_training_args(method: str, argv: list[str]):
         i = argv.index("--config")
         config_path = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
-    defaults = {k: v for k, v in preset.items() if not callable(v)}
+    defaults = dict(preset)
     if config_path:
         with open(config_path) as f:
             loaded = yaml.safe_load(f) or {}
@@ -82,21 +82,29 @@ def parse_training_args(method: str, argv: list[str]):
             action.required = False
     parser.set_defaults(**defaults)
     script_args, config = parser.parse_args_into_dataclasses(args=argv)
-    for key, value in preset.items():  # presets that depend on other fields (e.g. steps_per_generation)
-        if callable(value) and f"--{key}" not in argv and key not in (defaults if config_path else {}):
-            setattr(config, key, value(config))
+    given = set(defaults) | {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if method == "gspo" and not given & {"steps_per_generation", "generation_batch_size"}:
+        # the GSPO paper's setting: 4 optimiser steps per generation batch (clipping only matters off-policy)
+        from .trainers.grpo import GSPO_STEPS_PER_GENERATION_FACTOR
+        parser.set_defaults(steps_per_generation=GSPO_STEPS_PER_GENERATION_FACTOR * config.gradient_accumulation_steps)
+        script_args, config = parser.parse_args_into_dataclasses(args=argv)
     if script_args.model is None or script_args.dataset is None:
         raise SystemExit(f"vlmalign {method}: --model and --dataset are required (on the command line or in --config)")
     return script_args, config
 
 
-def train_command(method: str, argv: list[str]) -> None:
+def load_training_data(script_args: ScriptArguments):
+    """(train, eval or None) datasets named by the script arguments."""
     from .data.io import load_dataset_any
 
-    script_args, config = parse_training_args(method, argv)
-    _, trainer_cls, _ = _method(method)
     train = load_dataset_any(script_args.dataset, script_args.dataset_split)
     evaluation = load_dataset_any(script_args.eval_dataset, script_args.eval_split) if script_args.eval_dataset else None
+    return train, evaluation
+
+
+def run_training(method: str, script_args: ScriptArguments, config, train, evaluation=None):
+    """Build the method's trainer, train (resuming if asked), save model + processor to `config.output_dir`."""
+    _, trainer_cls, _ = _method(method)
     kwargs = dict(model=script_args.model, args=config, train_dataset=train, eval_dataset=evaluation)
     if script_args.lora_r:
         from peft import LoraConfig
@@ -108,6 +116,13 @@ def train_command(method: str, argv: list[str]) -> None:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
     print(f"saved model and processor to {config.output_dir}")
+    return trainer
+
+
+def train_command(method: str, argv: list[str]) -> None:
+    script_args, config = parse_training_args(method, argv)
+    train, evaluation = load_training_data(script_args)
+    run_training(method, script_args, config, train, evaluation)
 
 
 # ------------------------------------------------------------------------------------------------- other commands

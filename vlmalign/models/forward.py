@@ -33,10 +33,14 @@ def _softcap(model: nn.Module) -> float | None:
 @contextmanager
 def lm_head_bypassed(model: nn.Module):
     """Within the block, the model's LM head returns its input: `outputs.logits` are the final hidden states.
-    Yields the real head (to project chosen positions afterwards)."""
+    Yields the real head (to project chosen positions afterwards).
+
+    The bypass adds `0 * weight[0, 0]` to its output, so the head's weight stays in the forward's autograd graph:
+    DDP with `find_unused_parameters=True` (needed when a batch has no image and the vision tower gets no
+    gradient) would otherwise mark the head unused, then fail when its gradient arrives ("marked ready twice")."""
     head = unwrap_model(model).get_output_embeddings()
     original = head.forward
-    head.forward = lambda hidden: hidden
+    head.forward = lambda hidden: hidden + head.weight[0, 0] * 0.0
     try:
         yield head
     finally:
