@@ -51,3 +51,17 @@ def test_dpo_and_mpo_examples(tiny_model_dir, data, tmp_path, config):
 def test_grpo_and_gspo_examples(tiny_model_dir, data, tmp_path, config):
     _run("grpo.py", config, tiny_model_dir("qwen2_5_vl"), data / "r1", tmp_path / "out",
          extra=["--num_generations", "2", "--max_completion_length", "8"])
+
+
+def test_notebook_executes(tmp_path):
+    """The walkthrough notebook (SFT -> MPO -> GRPO with inline plots) runs top to bottom."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(EXAMPLES / "walkthrough.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # the task image and the plots
+    final = [c for c in nb.cells if c.cell_type == "code"][3]["outputs"][-1]["data"]["text/plain"]
+    assert "SFT + MPO + GRPO" in final

@@ -421,14 +421,32 @@ def _column_names(dataset) -> list[str] | None:
     return names
 
 
+def _undecoded(feature):
+    """The same feature with every Image inside it set to decode=False."""
+    from datasets import Image as ImageFeature
+    from datasets import List, Sequence
+
+    if isinstance(feature, ImageFeature):
+        return ImageFeature(decode=False)
+    if isinstance(feature, (List, Sequence)):
+        return type(feature)(_undecoded(feature.feature))
+    return feature
+
+
 def _raw_rows(dataset, chunk: int = 1000):
     """Rows as plain Python. A `datasets.Dataset` is read through Arrow, so images stay undecoded and our own checks
     (pixel limit before decoding, truncation as a row error) see them instead of datasets' decoder."""
     from datasets import Dataset, IterableDataset  # imported here: collate workers need only normalize_row
     if isinstance(dataset, Dataset) and dataset.format.get("type") != "custom":
-        arrow = dataset.with_format("arrow")
+        # Python formatting (decodes Json-typed columns, which datasets infers for mixed content blocks), with
+        # the image columns cast to undecoded dicts.
+        undecoded = dataset.with_format(None)
+        for column in IMAGE_COLUMNS:
+            if column in undecoded.column_names:
+                undecoded = undecoded.cast_column(column, _undecoded(undecoded.features[column]))
         for start in range(0, len(dataset), chunk):
-            yield from arrow[start:start + chunk].to_pylist()
+            batch = undecoded[start:start + chunk]
+            yield from ({k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()), []))))
     else:
         yield from (dataset.decode(False) if isinstance(dataset, IterableDataset) else dataset)
 

@@ -24,7 +24,17 @@ class Family:
     vision_module_patterns: tuple[str, ...]  # regexes on parameter/module names: the vision tower
     projector_module_patterns: tuple[str, ...]  # regexes: the vision->text projector
     eos_token: str                        # end of an assistant turn (generation stops here)
-    mrope: bool = False                   # Qwen's 3-D rotary positions, computed by the model from the ids
+    # Qwen's 3-D rotary positions, computed by the model from the ids (`get_rope_index`). A cached forward must be
+    # given them explicitly: left to itself the model continues from a `rope_deltas` stashed by an earlier call.
+    mrope: bool = False
+    # How a processor batch lays out its vision tensors, for selecting / repeating prompt rows
+    # (`vlmalign.models.shared_prefix.select_prompt_rows`): "per_row" (leading dim = batch row, e.g. Idefics3's
+    # [B, images, C, H, W]), "per_image" (leading dim = image, rows' images in order, e.g. LLaVA's [images, C, H, W])
+    # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]).
+    vision_batch_layout: str = "per_image"
+    # The prompt's KV cache can be computed once per group and expanded to the group's completions
+    # (`vlmalign.models.shared_prefix`); False makes those paths fall back to repeating the prompt.
+    shared_prefix: bool = True
     notes: str = ""
     # Regex that must match any LoRA target module name that belongs to the language model.
     language_model_pattern: str = r"(^|\.)language_model\."
@@ -83,6 +93,7 @@ register(Family(
     projector_module_patterns=QWEN_PROJECTOR,
     eos_token="<|im_end|>",
     mrope=True,
+    vision_batch_layout="per_patch",
 ))
 register(Family(
     name="qwen2_5_vl",
@@ -94,6 +105,7 @@ register(Family(
     projector_module_patterns=QWEN_PROJECTOR,
     eos_token="<|im_end|>",
     mrope=True,
+    vision_batch_layout="per_patch",
 ))
 # Idefics3 / SmolVLM: the placeholder, the image block's wrapper and global-image tag, and the row/column
 # markers of split images (<row_1_col_1> ... <row_6_col_6>; emitted only with image splitting, which the tiny
@@ -112,6 +124,7 @@ register(Family(
     projector_module_patterns=(r"(^|\.)connector\.",),
     eos_token="<end_of_utterance>",
     language_model_pattern=r"(^|\.)text_model\.",
+    vision_batch_layout="per_row",
 ))
 register(Family(
     name="smolvlm",
@@ -123,6 +136,7 @@ register(Family(
     projector_module_patterns=(r"(^|\.)connector\.",),
     eos_token="<end_of_utterance>",
     language_model_pattern=r"(^|\.)text_model\.",
+    vision_batch_layout="per_row",
 ))
 register(Family(
     name="llava_clip",

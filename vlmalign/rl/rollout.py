@@ -3,17 +3,26 @@
 Vision special tokens (placeholders, vision start/end, row/column markers, begin-of-image) are suppressed while
 sampling: a sampled placeholder makes the next forward fail with "Image features and image tokens do not match".
 Completions end at the family's end-of-turn token; everything after it is padding and masked out.
+
+Shared prefix (`shared_prefix=True`, the default): consecutive equal prompt rows (the G rows of a group, whether
+`num_generations` repeats them here or the caller passed them repeated) are encoded and prefilled once, image
+included (`vlmalign.models.shared_prefix.prefill_shared_cache`); the cache is expanded to the group's rows and
+`generate` continues from it. Same `generate` call, logits processors and random stream as the plain path: greedy
+decoding gives the plain path's tokens, and sampling under the same seed draws from the same stream (a token can
+only differ where float rounding of the logits, ~1e-6, moves a draw across a probability boundary).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import GenerationConfig
 
 from ..data.collate import Encoder
 from ..models.forward import unwrap_model
+from ..models.shared_prefix import prefill_shared_cache, select_prompt_rows, shared_prefix_unsupported
 
 
 @dataclass
@@ -29,16 +38,47 @@ class SamplingConfig:
 
 @dataclass
 class Rollout:
-    prompt_inputs: dict[str, torch.Tensor]   # left-padded prompts, each repeated G times: [B*G, P] + vision tensors
-    completion_ids: torch.Tensor             # [B*G, C] right-padded with pad_token_id
-    completion_mask: torch.Tensor            # [B*G, C] 1 up to and including the end-of-turn token
-    truncated: torch.Tensor                  # [B*G] bool: no end-of-turn token within max_completion_length
+    """Sampled completions; N = B * G rows, the G completions of a prompt contiguous.
+
+    `unique_prompt_inputs` holds each distinct prompt once (U <= B rows: consecutive equal prompt rows are one
+    group) and `group_index` maps completions to them: the inputs of `shared_prefix_logps`. `prompt_inputs` (as
+    before: the prompts repeated, one row per completion) is built from them on first access (a tensor gather, no
+    processor run) when generation shared the prefix."""
+
+    completion_ids: torch.Tensor             # [N, C] right-padded with pad_token_id
+    completion_mask: torch.Tensor            # [N, C] 1 up to and including the end-of-turn token
+    truncated: torch.Tensor                  # [N] bool: no end-of-turn token within max_completion_length
     texts: list[str]                         # decoded completions (special tokens skipped)
+    unique_prompt_inputs: dict[str, torch.Tensor]  # [U, P] left-padded distinct prompts + their vision tensors
+    group_index: torch.Tensor                # [N] long: completion i continues unique prompt group_index[i]
+    _prompt_inputs: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _expand: Callable[[], dict] | None = field(default=None, repr=False)
+
+    @property
+    def prompt_inputs(self) -> dict[str, torch.Tensor]:
+        """Left-padded prompts, one row per completion: [N, P] + vision tensors."""
+        if self._prompt_inputs is None:
+            self._prompt_inputs = self._expand()
+        return self._prompt_inputs
 
 
 def repeat_rows(rows: list, times: int) -> list:
     """[a, b] -> [a]*times + [b]*times: the G completions of one prompt are contiguous (one group)."""
     return [row for row in rows for _ in range(times)]
+
+
+def _same_prompt(a: dict, b: dict) -> bool:
+    return a is b or (a["prompt"] == b["prompt"] and list(a["images"]) == list(b["images"]))
+
+
+def group_consecutive(rows: list[dict]) -> tuple[list[dict], torch.Tensor]:
+    """Consecutive rows with the same prompt and images -> (distinct rows [U], index [N] of each row's group)."""
+    unique, index = [], []
+    for row in rows:
+        if not unique or not _same_prompt(unique[-1], row):
+            unique.append(row)
+        index.append(len(unique) - 1)
+    return unique, torch.tensor(index, dtype=torch.long)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,16 +101,17 @@ def generate(
     num_generations: int = 1,
     sampling: SamplingConfig = SamplingConfig(),
     generator_seed: int | None = None,
+    shared_prefix: bool = True,
 ) -> Rollout:
-    """Sample `num_generations` completions for each normalised prompt row (`prompt` + `images`)."""
+    """Sample `num_generations` completions for each normalised prompt row (`prompt` + `images`).
+
+    `shared_prefix`: prefill each group of equal consecutive prompts once (see the module docstring); falls back to
+    the plain path when no two consecutive rows share a prompt or the model does not support it."""
     rows = repeat_rows(prompt_rows, num_generations)
-    inputs = encoder.encode(
-        [r["prompt"] for r in rows], [r["images"] for r in rows],
-        padding_side="left", add_generation_prompt=True, with_labels=False,
-    )
+    unique, index = group_consecutive(rows)
     base = unwrap_model(model)
     device = next(base.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    index = index.to(device)
     tokenizer = encoder.processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids(encoder.family.eos_token)
     config = GenerationConfig(
@@ -86,18 +127,47 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
+    encode = lambda rs: {k: v.to(device) for k, v in encoder.encode(  # noqa: E731
+        [r["prompt"] for r in rs], [r["images"] for r in rs],
+        padding_side="left", add_generation_prompt=True, with_labels=False).items()}
     was_training = base.training
     base.eval()
     try:
+        share = shared_prefix and len(unique) < len(rows) and shared_prefix_unsupported(base) is None
+        if share:
+            unique_inputs = encode(unique)
+            inputs, repeated = prefill_shared_cache(base, unique_inputs, index), None
+        else:
+            inputs = repeated = encode(rows)
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         out = base.generate(**inputs, generation_config=config)
     finally:
         base.train(was_training)
+    if not share:
+        counts = torch.unique_consecutive(index, return_counts=True)[1]
+        firsts = counts.cumsum(0) - counts                                       # first row of each group
+        unique_inputs = select_prompt_rows(repeated, firsts, encoder.family, encoder.image_token_id)
     completion_ids = out[:, inputs["input_ids"].shape[1]:]
     if completion_ids.shape[1] == 0:
         completion_ids = torch.full((len(rows), 1), tokenizer.pad_token_id, device=device)
     mask, truncated = completion_mask_from_ids(completion_ids, eos_id)
     completion_ids = torch.where(mask.bool(), completion_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-    return Rollout(inputs, completion_ids, mask, truncated, texts)
+    expand = lambda: select_prompt_rows(unique_inputs, index, encoder.family, encoder.image_token_id)  # noqa: E731
+    return Rollout(completion_ids, mask, truncated, texts, unique_prompt_inputs=unique_inputs, group_index=index,
+                   _prompt_inputs=repeated, _expand=expand)
+
+
+def shared_prefix_generate(
+    model: torch.nn.Module,
+    encoder: Encoder,
+    prompt_rows: list[dict],
+    num_generations: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    *,
+    generator_seed: int | None = None,
+) -> Rollout:
+    """`generate` with the shared prefix: each prompt (and its image) prefilled once for its G completions."""
+    return generate(model, encoder, prompt_rows, num_generations=num_generations, sampling=sampling,
+                    generator_seed=generator_seed, shared_prefix=True)
