@@ -127,15 +127,17 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
                           sft.state.log_history, stopper.curve))
     print(f"  SFT start: held-out accuracy {acc:.3f} after {sft.state.global_step} steps")
 
-    print("[3/5] preference pairs from the SFT model's own answers (4 samples per prompt, accuracy reward)")
+    print("[3/5] preference pairs from the SFT model's own answers (4 samples per prompt, ranked by the accuracy "
+          "reward; the gold answer is chosen when all 4 are wrong)")
     pairs = make_preferences(sft_model, processor, prompts.select(range(1024)), reward="accuracy", samples=4,
-                             max_new_tokens=8, seed=seed, chosen="gold", progress=True)
+                             max_new_tokens=8, seed=seed, progress=True)
     print(f"  {len(pairs)} pairs")
 
     print("[4/5] DPO, MPO, GRPO and GSPO from the same SFT checkpoint")
     # Pure DPO needs a large beta on this ~440-token vocabulary (beta 0.1 pushes probability onto junk tokens and
     # the answer format collapses on some seeds); MPO's sft term keeps the format, so it runs at the usual 0.1.
-    dpo_args = dict(per_device_train_batch_size=32, learning_rate=3e-4, max_steps=scale(150))
+    dpo_args = dict(per_device_train_batch_size=32, learning_rate=3e-4, max_steps=scale(150),
+                    lr_scheduler_type="constant")
     factories = {
         "DPO": lambda m: DPOTrainer(model=m, processing_class=processor, train_dataset=pairs, args=DPOConfig(
             **_common_args(out / "runs" / "dpo", seed, beta=1.0, **dpo_args))),

@@ -9,7 +9,7 @@ family's chat turns look. Nothing else in the code sniffs config keys or module 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -95,18 +95,7 @@ register(Family(
     mrope=True,
     vision_batch_layout="per_patch",
 ))
-register(Family(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    image_token="<|image_pad|>",
-    vision_special_tokens=("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"),
-    token_type_key="mm_token_type_ids",
-    vision_module_patterns=QWEN_VISION,
-    projector_module_patterns=QWEN_PROJECTOR,
-    eos_token="<|im_end|>",
-    mrope=True,
-    vision_batch_layout="per_patch",
-))
+register(replace(FAMILIES["qwen2_vl"], name="qwen2_5_vl", model_types=("qwen2_5_vl",)))
 # Idefics3 / SmolVLM: the placeholder, the image block's wrapper and global-image tag, and the row/column
 # markers of split images (<row_1_col_1> ... <row_6_col_6>; emitted only with image splitting, which the tiny
 # models turn off).
@@ -126,18 +115,8 @@ register(Family(
     language_model_pattern=r"(^|\.)text_model\.",
     vision_batch_layout="per_row",
 ))
-register(Family(
-    name="smolvlm",
-    model_types=("smolvlm",),
-    image_token="<image>",
-    vision_special_tokens=IDEFICS_IMAGE_TOKENS,
-    token_type_key=None,
-    vision_module_patterns=(r"(^|\.)vision_model\.",),
-    projector_module_patterns=(r"(^|\.)connector\.",),
-    eos_token="<end_of_utterance>",
-    language_model_pattern=r"(^|\.)text_model\.",
-    vision_batch_layout="per_row",
-))
+# SmolVLM is Idefics3 with another processor.
+register(replace(FAMILIES["idefics3"], name="smolvlm", model_types=("smolvlm",)))
 register(Family(
     name="llava_clip",
     model_types=("llava",),
@@ -148,16 +127,8 @@ register(Family(
     projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="</s>",
 ))
-register(Family(
-    name="llava_siglip",
-    model_types=("llava",),
-    image_token="<image>",
-    vision_special_tokens=("<image>",),
-    token_type_key=None,
-    vision_module_patterns=(r"(^|\.)vision_tower\.",),
-    projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
-    eos_token="</s>",
-))
+# LLaVA with a SigLIP tower: the same model class; `get_family` tells them apart by the vision config.
+register(replace(FAMILIES["llava_clip"], name="llava_siglip"))
 register(Family(
     name="gemma3",
     model_types=("gemma3",),
