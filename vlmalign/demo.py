@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ def _train(name, trainer_factory, model_dir, processor, test, *, every) -> tuple
 
 
 def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: str = "qwen2_vl", steps: float = 1.0,
-             seed: int = 0, n_compare: int = 16, sft_target: float = 0.3) -> dict:
+             seed: int = 0, n_compare: int = 16, sft_target: float = 0.35, n_test: int = 200) -> dict:
     from .data.preferences import make_preferences
     from .trainers.dpo import MPO_PRESET, DPOConfig, DPOTrainer
     from .trainers.grpo import GRPOConfig, GRPOTrainer
@@ -104,7 +105,7 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
     processor = load_processor(model_dir)
     sft_data = make_dataset(task, "sft", n=2000, seed=seed)
     prompts = make_dataset(task, "prompt", n=2000, seed=seed)
-    test = make_dataset(task, "prompt", n=200, seed=seed, split="test")
+    test = make_dataset(task, "prompt", n=n_test, seed=seed, split="test")
 
     runs: list[MethodRun] = []
     init_model = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -114,7 +115,7 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
 
     print(f"[2/5] SFT from random init, stopped at the first held-out check >= {sft_target}")
     sft_model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    stopper = HeldOutAccuracy(processor, test, every=5, stop_at=sft_target, min_steps=20)
+    stopper = HeldOutAccuracy(processor, test, every=5, stop_at=sft_target, min_steps=30)
     sft = SFTTrainer(model=sft_model, processing_class=processor, train_dataset=sft_data, callbacks=[stopper],
                      args=SFTConfig(**_common_args(out / "runs" / "sft", seed, per_device_train_batch_size=32,
                                                    learning_rate=3e-3, warmup_steps=10, max_steps=scale(120))))
@@ -129,7 +130,7 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
 
     print("[3/5] preference pairs from the SFT model's own answers (4 samples per prompt, ranked by the accuracy "
           "reward; the gold answer is chosen when all 4 are wrong)")
-    pairs = make_preferences(sft_model, processor, prompts.select(range(1024)), reward="accuracy", samples=4,
+    pairs = make_preferences(sft_model, processor, prompts.select(range(min(1024, max(64, scale(1024))))), reward="accuracy", samples=4,
                              max_new_tokens=8, seed=seed, progress=True)
     print(f"  {len(pairs)} pairs")
 
@@ -152,7 +153,8 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
                                                   **_common_args(out / "runs" / "grpo", seed, **grpo_args)))
     # GSPO preset (sequence-level ratios, beta 0, 4 optimiser steps of 32 completions per generation batch of 16 x 8),
     # with a clip range of 0.01 instead of the paper's 3e-4/4e-4, which learns more slowly on this tiny model.
-    gspo_args = {**grpo_args, "per_device_train_batch_size": 32, "num_iterations": 1}
+    # 300 optimiser steps = 75 generation batches, the sampling budget of GRPO above.
+    gspo_args = {**grpo_args, "per_device_train_batch_size": 32, "num_iterations": 1, "max_steps": scale(300)}
     gspo_args.pop("beta")
     factories["GSPO"] = lambda m: GRPOTrainer(model=m, processing_class=processor, train_dataset=prompts,
                                               reward_funcs=TRAIN_REWARDS, args=GRPOConfig.gspo(
@@ -187,7 +189,7 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
 
 
 def _plot_files(plots: dict[str, bytes]):
-    return [f"{name.lower().replace(' ', '_')}.png" for name in plots]
+    return [re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".png" for name in plots]
 
 
 def _plots(runs: list[MethodRun], out: Path) -> dict[str, bytes]:
