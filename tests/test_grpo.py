@@ -191,6 +191,41 @@ def test_repeat_sampler_and_buffer_order():
     assert [r["i"] for r in GenerationBuffer(batch, 4, seed=3).micro_batch(1, 2)["rows"]] == orders[1][4:6]
 
 
+def test_buffer_shuffles_whole_groups_for_the_shared_prefix():
+    """by_group: each iteration permutes groups (runs of equal group ids), each group's completions stay together
+    and in order; micro-batches of a multiple of G hold whole groups; their prompt groups are found."""
+    from vlmalign.rl.buffer import prompt_groups
+
+    G, n, width = 4, 16, 3
+    groups = torch.arange(n // G).repeat_interleave(G)
+    mask = torch.ones(n, width, dtype=torch.long)
+    batch = GenerationBatch(rows=[{"i": i} for i in range(n)], completion_ids=torch.zeros(n, width, dtype=torch.long),
+                            completion_mask=mask, loss_mask=mask, advantages=torch.arange(n).float(),
+                            num_items_in_batch=float(mask.sum()), group_ids=groups)
+    buffer = GenerationBuffer(batch, steps_per_generation=2, seed=1, by_group=True)
+    orders = []
+    for iteration in range(3):
+        seen = []
+        for step in range(2):
+            micro = buffer.micro_batch(iteration, step)
+            rows = [r["i"] for r in micro["rows"]]
+            assert micro["group_ids"].tolist() == [i // G for i in rows]
+            for k in range(0, 8, G):                                       # whole groups, in order
+                assert rows[k:k + G] == list(range(rows[k], rows[k] + G)) and rows[k] % G == 0
+            firsts, index = prompt_groups(micro["group_ids"], len(rows))
+            assert firsts == [0, G] and index.tolist() == [0] * G + [1] * G
+            seen += rows
+        assert sorted(seen) == list(range(n))                              # every completion once per iteration
+        orders.append(seen)
+    assert len({tuple(o) for o in orders}) > 1                              # reshuffled per iteration
+    # a micro-batch size that is not a multiple of G splits a group; each part is one prompt group
+    split = GenerationBuffer(batch, steps_per_generation=8, seed=1, by_group=True).micro_batch(0, 1)
+    assert len(set(split["group_ids"].tolist())) == 1
+    assert prompt_groups(torch.tensor([3, 3, 0, 2, 2, 2]), 6)[0] == [0, 2, 3]
+    with pytest.raises(ValueError, match="group_ids"):
+        GenerationBuffer(GenerationBatch(**{**batch.__dict__, "group_ids": None}), 2, by_group=True)
+
+
 # ------------------------------------------------------------------------------------- buffering and the loss
 
 
@@ -280,6 +315,57 @@ def test_loss_on_buffered_micro_batch_matches_independent_computation(tiny_model
         max_completion_length=8, num_items_in_batch=batch.loss_mask.sum() / 2)   # whole generation batch / spg
     assert metrics["kl"] > 0
     assert torch.allclose(loss, expected, atol=1e-5), (loss.item(), expected.item())
+
+
+@pytest.mark.parametrize("level, loss_type, batch_size", [("token", "dapo", 8), ("sequence", "grpo", 6)])
+def test_shared_prefix_training_passes_equal_the_plain_path(tiny_model_dir, tmp_path, level, loss_type, batch_size):
+    """Same buffered batch, shared_prefix=True vs False: old-policy and reference log-probs, the loss and every
+    parameter's gradient agree (beta > 0, off-policy ratios, completions of different lengths). batch_size 6 with
+    G=4 splits a group between two micro-batches (each part shares its prompt pass)."""
+    from vlmalign.rl.completions import completion_logps
+
+    model, processor = _load(tiny_model_dir("qwen2_vl"))
+    tok = processor.tokenizer
+    _biased_head(model, {tok.convert_tokens_to_ids("<|im_end|>"): 3.0})
+    args = _config(tmp_path, per_device_train_batch_size=batch_size, steps_per_generation=2, beta=0.04,
+                   loss_type=loss_type, importance_sampling_level=level, max_completion_length=8, temperature=0.9)
+    assert args.shared_prefix
+    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
+                          train_dataset=make_dataset("color", "prompt", n=16, seed=2), processing_class=processor)
+    trainer.model.train()
+    trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = trainer._buffer.batch
+    assert batch.group_ids.tolist() == torch.arange(len(batch) // 4).repeat_interleave(4).tolist()
+    lengths = batch.completion_mask.sum(1)
+    assert lengths.min() < lengths.max()                                   # padding inside micro-batches
+    # the stored (shared-prefix) old / reference log-probs equal the plain path's
+    with torch.no_grad():
+        plain = completion_logps(model, trainer.encoder, batch.rows, batch.completion_ids, batch.completion_mask,
+                                 batch_size=batch_size, temperature=0.9)
+    for stored in (batch.old_logps, batch.ref_logps):
+        assert torch.allclose(stored, plain, atol=1e-5)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    micro = trainer._buffer.micro_batch(0, 1)
+    results = {}
+    for shared in (True, False):
+        trainer.args.shared_prefix = shared
+        inputs = trainer._with_forward_batch(dict(micro))
+        assert ("prompt_inputs" in inputs) == shared
+        if shared:
+            assert inputs["prompt_inputs"]["input_ids"].shape[0] == len(set(micro["group_ids"].tolist()))
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results[shared] = loss.detach(), grads
+    (loss_s, grad_s), (loss_p, grad_p) = results[True], results[False]
+    assert abs(loss_p.item()) > 1e-4
+    assert abs(loss_s - loss_p) <= 1e-4 * abs(loss_p), (loss_s.item(), loss_p.item())
+    assert (grad_s - grad_p).norm() <= 1e-4 * grad_p.norm(), ((grad_s - grad_p).norm() / grad_p.norm()).item()
+    assert (grad_s - grad_p).abs().max() <= 1e-4 * grad_p.abs().max()
 
 
 def test_lora_reference_is_the_adapter_disabled_policy_and_eval_scores_groups(tiny_model_dir, tmp_path):

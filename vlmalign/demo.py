@@ -156,8 +156,9 @@ def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: st
     # 300 optimiser steps = 75 generation batches, the sampling budget of GRPO above.
     gspo_args = {**grpo_args, "per_device_train_batch_size": 32, "num_iterations": 1, "max_steps": scale(300)}
     gspo_args.pop("beta")
+    # GSPO also gets the format reward: with beta 0 and accuracy alone it tended to drop the answer tags here.
     factories["GSPO"] = lambda m: GRPOTrainer(model=m, processing_class=processor, train_dataset=prompts,
-                                              reward_funcs=TRAIN_REWARDS, args=GRPOConfig.gspo(
+                                              reward_funcs=REWARDS, args=GRPOConfig.gspo(
                                                   **_common_args(out / "runs" / "gspo", seed, **gspo_args),
                                                   epsilon=0.01, epsilon_high=0.01))
     models = {"random init": (init_model, processor), "SFT start": (sft_model, processor)}

@@ -60,6 +60,11 @@ def main(model_path: str, out_path: str, loss_type: str = "dapo") -> None:
         captured["world_size"] = trainer.accelerator.num_processes
         with open(out_path, "w") as f:
             json.dump(captured, f)
+    # Tear the process group down here rather than at interpreter exit: a gloo group (and the DDP reducer in a
+    # reference cycle with the trainer) destroyed during finalisation intermittently aborted a rank with
+    # "terminate called without an active exception" after training had finished.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

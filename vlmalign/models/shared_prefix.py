@@ -179,8 +179,9 @@ def shared_prefix_logps(
     prompt_batch: dict[str, torch.Tensor],   # B unique prompts [B, P], left-padded, with vision tensors
     completion_ids: torch.Tensor,            # [B * G, C] right-padded, rows k*G .. k*G+G-1 complete prompt k
     completion_mask: torch.Tensor,           # [B * G, C] 1 on scored completion tokens
-    num_generations: int,
+    num_generations: int | None = None,
     *,
+    prompt_index: torch.Tensor | None = None,  # [N] instead of num_generations: completion i completes prompt i
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_size: int = 1024,
@@ -189,15 +190,25 @@ def shared_prefix_logps(
     the entropies [B*G, C]; the prompts are run once per group. Values and gradients equal the plain path's
     (`token_logps(model, append_completions(prompts repeated G times, ...), completion_mask, keep_last=C)`).
 
+    Groups of unequal sizes (e.g. a micro-batch holding part of a group): pass `prompt_index` [N] (long, values in
+    0..B-1, completion i continues prompt `prompt_index[i]`) instead of `num_generations`.
+
     The model may be wrapped (DDP / PEFT): its own forward is called, twice (prompt pass, completion pass)."""
     ids = prompt_batch["input_ids"]
     rows, length = ids.shape
     n, width = completion_ids.shape
-    if n != rows * num_generations:
-        raise ValueError(f"{n} completions for {rows} prompts x {num_generations} generations")
+    if prompt_index is None:
+        if num_generations is None:
+            raise ValueError("give num_generations or prompt_index")
+        if n != rows * num_generations:
+            raise ValueError(f"{n} completions for {rows} prompts x {num_generations} generations")
+        index = group_index(rows, num_generations, ids.device)
+    else:
+        index = torch.as_tensor(prompt_index, dtype=torch.long, device=ids.device)
+        if index.shape != (n,) or (n and (int(index.min()) < 0 or int(index.max()) >= rows)):
+            raise ValueError(f"prompt_index must be [{n}] with values in 0..{rows - 1}, got {tuple(index.shape)}")
     base = unwrap_model(model)
     family = get_family(base)
-    index = group_index(rows, num_generations, ids.device)
     reason = shared_prefix_unsupported(model)
     if reason is not None:
         _log_once(f"shared-prefix forward unavailable ({reason}); repeating the prompt instead")

@@ -15,6 +15,13 @@ process ``p`` the ``p``-th contiguous slice of each generation batch. The traine
 first micro-step of each cycle (the repeats only keep the Trainer's step counting right; they are cheap because
 the collator does no processing). One group's ``G`` copies may land on different processes: rewards and advantages
 are computed on the gathered generation batch, so every group's statistics cover all ``G`` completions.
+
+Shared prefix (`GRPOConfig.shared_prefix`): the training passes run each prompt (and its image) once for the
+completions of its group that a micro-batch holds (`vlmalign.models.shared_prefix`), so the buffer then shuffles
+*groups* (runs of completions of one prompt, ``GenerationBatch.group_ids``), not completions, and cuts the shuffled
+order into contiguous micro-batches. With ``per_device_train_batch_size`` a multiple of ``G`` (and so of every
+process's share) each micro-batch holds whole groups; otherwise a group may be split between two micro-batches
+(each part still shares its prompt pass, it is just run once per part).
 """
 
 from __future__ import annotations
@@ -80,7 +87,9 @@ class GenerationBatch:
     """This process's share of one generation batch, everything the loss needs (tensors on the training device).
 
     ``rows[i]`` is the prompt row of completion ``i``; ``old_logps`` is None when the batch is used on-policy only
-    (then the loss uses the current log-probs, detached), ``ref_logps`` is None when ``beta == 0``."""
+    (then the loss uses the current log-probs, detached), ``ref_logps`` is None when ``beta == 0``. ``group_ids``
+    (optional) numbers the prompt groups: completions with the same id are consecutive and share their prompt
+    and images (what generation found, `vlmalign.rl.rollout.Rollout.group_index`)."""
 
     rows: list[dict]
     completion_ids: torch.Tensor        # [N, C] right-padded
@@ -90,6 +99,7 @@ class GenerationBatch:
     num_items_in_batch: float           # loss tokens of the whole generation batch, all processes
     old_logps: torch.Tensor | None = None   # [N, C]
     ref_logps: torch.Tensor | None = None   # [N, C]
+    group_ids: torch.Tensor | None = None   # [N] long, non-decreasing: completions of one prompt share an id
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -109,8 +119,27 @@ class GenerationBatch:
             "advantages": self.advantages[index.to(self.advantages.device)],
             "old_logps": on(self.old_logps),
             "ref_logps": on(self.ref_logps),
+            "group_ids": None if self.group_ids is None else self.group_ids[index.to(self.group_ids.device)],
             "num_items_in_batch": self.num_items_in_batch,
         }
+
+
+def group_runs(group_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The positions of each run of equal consecutive ids: [0, 0, 1, 1, 1, 0] -> [[0, 1], [2, 3, 4], [5]]."""
+    counts = torch.unique_consecutive(group_ids.cpu(), return_counts=True)[1]
+    return list(torch.arange(len(group_ids)).split(counts.tolist()))
+
+
+def prompt_groups(group_ids: torch.Tensor | None, n: int) -> tuple[list[int], torch.Tensor]:
+    """For a micro-batch of `n` completions: the position of the first completion of each run of equal group ids
+    (the rows whose prompts to encode, once) and each completion's run number [n] (the `prompt_index` of
+    `shared_prefix_logps`). Without group ids every completion is its own group."""
+    if group_ids is None:
+        return list(range(n)), torch.arange(n)
+    runs = group_runs(group_ids)
+    index = torch.cat([torch.full((len(r),), k, dtype=torch.long) for k, r in enumerate(runs)]) if runs else \
+        torch.zeros(0, dtype=torch.long)
+    return [int(r[0]) for r in runs], index
 
 
 class GenerationBuffer:
@@ -118,19 +147,28 @@ class GenerationBuffer:
 
     Each iteration (pass over the batch) uses its own permutation of the rows, seeded by ``(seed, iteration)``,
     cut into ``steps_per_generation`` equal contiguous chunks: reproducible, and every row is used exactly once
-    per iteration."""
+    per iteration. With ``by_group`` (the shared-prefix training passes) the permutation moves whole groups (runs
+    of equal ``batch.group_ids``), keeping each group's completions together and in order."""
 
-    def __init__(self, batch: GenerationBatch, steps_per_generation: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, batch: GenerationBatch, steps_per_generation: int, seed: int = 0, shuffle: bool = True,
+                 by_group: bool = False):
         if len(batch) % steps_per_generation != 0:
             raise ValueError(f"{len(batch)} completions cannot be split into {steps_per_generation} equal "
                              "micro-batches")
+        if by_group and batch.group_ids is None:
+            raise ValueError("by_group needs the batch's group_ids")
         self.batch, self.steps_per_generation, self.seed, self.shuffle = batch, steps_per_generation, seed, shuffle
+        self.by_group = by_group
 
     def order(self, iteration: int) -> torch.Tensor:
         n = len(self.batch)
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, iteration)))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, iteration))
+        if not self.by_group:
+            return torch.randperm(n, generator=generator)
+        runs = group_runs(self.batch.group_ids)
+        return torch.cat([runs[k] for k in torch.randperm(len(runs), generator=generator).tolist()])
 
     def micro_batch(self, iteration: int, step: int) -> dict[str, Any]:
         if not 0 <= step < self.steps_per_generation:

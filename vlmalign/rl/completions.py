@@ -3,6 +3,12 @@
 A forward batch is rebuilt from the prompt *rows* (the processor runs on their prompts and images, left-padded)
 plus the completion ids: vision tensors never have to be sliced or re-concatenated per sample, which is
 family-specific (Qwen's flat patch list + grid, LLaVA's [B, C, H, W], Idefics' [B, N, C, H, W], ...).
+
+Two paths for the log-probs of completions:
+
+* shared prefix (`group_ids` given): the processor runs on each group's prompt once and
+  `vlmalign.models.shared_prefix.shared_prefix_logps` runs it (and its image) once for the group's completions;
+* plain: the prompt row of every completion is encoded and run (`forward_batch` + `token_logps`).
 """
 
 from __future__ import annotations
@@ -10,12 +16,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..data.collate import Encoder, append_completions
 from ..models.forward import token_logps
+from ..models.shared_prefix import plain_batch, shared_prefix_logps
+from .buffer import prompt_groups
 
 
 def forward_batch(encoder: Encoder, rows: list[dict], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -29,18 +37,83 @@ def forward_batch(encoder: Encoder, rows: list[dict], completion_ids: torch.Tens
     return append_completions(prompts, completion_ids.to(device), completion_mask.to(device), encoder)
 
 
+def encode_prompts(encoder: Encoder, rows: list[dict], device: torch.device | str | None = None) -> dict:
+    """Left-padded generation prompts of `rows` with their vision tensors [B, P] (on `device`)."""
+    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
+                             add_generation_prompt=True, with_labels=False)
+    return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
+
+
+class MicroBatch(dict):
+    """A training micro-batch (a dict). On the shared-prefix path it holds `prompt_inputs` (each group's prompt
+    once) and `prompt_index`; the plain forward batch `inputs` [N, P + C] is then only built if someone reads it
+    (a gather of the encoded prompts, no processor run)."""
+
+    def __init__(self, *args, build_inputs: Callable[[], dict] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._build_inputs = build_inputs
+
+    def __missing__(self, key):
+        if key == "inputs" and self._build_inputs is not None:
+            self["inputs"] = value = self._build_inputs()
+            return value
+        raise KeyError(key)
+
+
+def micro_batch_inputs(encoder: Encoder, micro: dict, device: torch.device | str, *, shared_prefix: bool
+                       ) -> MicroBatch:
+    """Add the model inputs to a buffer micro-batch (`GenerationBatch.select`): with `shared_prefix` (and group ids)
+    `prompt_inputs` + `prompt_index`, otherwise `inputs` (the plain forward batch)."""
+    micro = MicroBatch(micro)
+    ids, mask = micro["completion_ids"].to(device), micro["completion_mask"].to(device)
+    if not shared_prefix or micro.get("group_ids") is None:
+        micro["inputs"] = forward_batch(encoder, micro["rows"], ids, mask, device)
+        return micro
+    firsts, index = prompt_groups(micro["group_ids"], len(micro["rows"]))
+    prompts = encode_prompts(encoder, [micro["rows"][i] for i in firsts], device)
+    index = index.to(device)
+    micro["prompt_inputs"], micro["prompt_index"] = prompts, index
+    micro._build_inputs = lambda: plain_batch(prompts, ids, mask, index, encoder.family,  # noqa: E731
+                                              encoder.image_token_id)
+    return micro
+
+
+def micro_batch_logps(model: torch.nn.Module, micro: dict, *, temperature: float = 1.0, with_entropy: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs [N, C] (and entropies) of a micro-batch's completions, on the path its inputs were
+    built for (`micro_batch_inputs`)."""
+    ids, mask = micro["completion_ids"], micro["completion_mask"]
+    if "prompt_inputs" in micro:
+        device = micro["prompt_index"].device
+        return shared_prefix_logps(model, micro["prompt_inputs"], ids.to(device), mask.to(device),
+                                   prompt_index=micro["prompt_index"], temperature=temperature,
+                                   with_entropy=with_entropy)
+    logps, entropy, _ = token_logps(model, micro["inputs"], mask, keep_last=mask.shape[1], temperature=temperature,
+                                    with_entropy=with_entropy)
+    return logps, entropy
+
+
 @torch.no_grad()
 def completion_logps(model: torch.nn.Module, encoder: Encoder, rows: list[dict], completion_ids: torch.Tensor,
-                     completion_mask: torch.Tensor, *, batch_size: int, temperature: float = 1.0) -> torch.Tensor:
+                     completion_mask: torch.Tensor, *, batch_size: int, temperature: float = 1.0,
+                     group_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs [N, C] of the completions under `model` (no grad), `batch_size` rows per forward;
-    0 on padding."""
+    0 on padding. With `group_ids` [N] (consecutive completions sharing an id share their prompt) each chunk's
+    prompts run once per group (shared-prefix path)."""
     out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     width = completion_ids.shape[1]
     for start in range(0, len(rows), batch_size):
-        ids, mask = completion_ids[start:start + batch_size], completion_mask[start:start + batch_size]
-        batch = forward_batch(encoder, rows[start:start + batch_size], ids, mask)
-        logps, _, _ = token_logps(model, batch, mask, keep_last=width, temperature=temperature)
-        out[start:start + batch_size] = logps.float()
+        end = start + batch_size
+        ids, mask = completion_ids[start:end], completion_mask[start:end]
+        if group_ids is not None:
+            firsts, index = prompt_groups(group_ids[start:end], len(ids))
+            prompts = encode_prompts(encoder, [rows[start + i] for i in firsts], ids.device)
+            logps, _ = shared_prefix_logps(model, prompts, ids, mask, prompt_index=index.to(ids.device),
+                                           temperature=temperature)
+        else:
+            batch = forward_batch(encoder, rows[start:end], ids, mask)
+            logps, _, _ = token_logps(model, batch, mask, keep_last=width, temperature=temperature)
+        out[start:end] = logps.float()
     return out
 
 

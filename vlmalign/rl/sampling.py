@@ -103,16 +103,19 @@ def sample_completions(
     rows: list[dict],
     seeds: Sequence[int],
     sampling: SamplingConfig,
+    *,
+    shared_prefix: bool = True,
 ) -> Rollout:
     """One completion per row (repeat the rows for groups), row ``i`` sampled with its own stream ``seeds[i]``.
 
-    With ``sampling.do_sample=False`` this is plain greedy decoding (seeds unused)."""
+    With ``sampling.do_sample=False`` this is plain greedy decoding (seeds unused). ``shared_prefix``: consecutive
+    equal prompt rows are prefilled once (`vlmalign.rl.rollout.generate`)."""
     if len(seeds) != len(rows):
         raise ValueError(f"{len(rows)} rows but {len(seeds)} seeds")
     greedy = replace(sampling, do_sample=False)
     if not sampling.do_sample:
-        return generate(model, encoder, rows, num_generations=1, sampling=greedy)
+        return generate(model, encoder, rows, num_generations=1, sampling=greedy, shared_prefix=shared_prefix)
     device = next(unwrap_model(model).parameters()).device
     sampler = RowSeededSampler(seeds, sampling, device=device)
     with _extra_logits_processor(model, sampler):
-        return generate(model, encoder, rows, num_generations=1, sampling=greedy)
+        return generate(model, encoder, rows, num_generations=1, sampling=greedy, shared_prefix=shared_prefix)

@@ -20,10 +20,17 @@ across processes) and keeps its slice. Loss normalisation: `dapo` divides the su
 of the whole generation batch, scaled to one optimiser step and to DDP's gradient averaging
 (`N * GA / (steps_per_generation * W)`, TRL's); `grpo`, `bnpo` and `dr_grpo` are micro-batch means divided by GA.
 Log-probs (policy, old, reference) are those of the sampling distribution, logits / `temperature`, as in TRL.
+
+Shared prefix (`shared_prefix=True`, the default): generation prefills each prompt once per group, and every
+training pass (policy forward/backward, old-policy and reference log-probs) runs each prompt and its image once for
+the completions of its group (`vlmalign.models.shared_prefix`; same values and gradients as the plain path, which
+repeats the prompt per completion). The buffer then shuffles whole groups (`vlmalign.rl.buffer`). Falls back to
+the plain path by itself where the family does not support it or gradient checkpointing is on.
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass, field
 
@@ -31,10 +38,10 @@ import torch
 from accelerate.utils import gather_object
 
 from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, policy_loss
-from ..models.forward import token_logps
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler
-from ..rl.completions import completion_logps, completion_metrics, forward_batch, write_completions_log
+from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
+                              write_completions_log)
 from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name, reward_metrics
 from ..rl.rollout import SamplingConfig
 from ..rl.sampling import derive_seed, sample_completions
@@ -45,6 +52,8 @@ from .reference import make_reference_model, reference_forward
 #: 4 x gradient_accumulation_steps (`GRPOConfig.gspo(...)` does both).
 GSPO_PRESET = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.0, epsilon=3e-4, epsilon_high=4e-4)
 GSPO_STEPS_PER_GENERATION_FACTOR = 4
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +87,9 @@ class GRPOConfig(BaseConfig):
     log_completions: bool = False
     completions_log_steps: int | None = field(default=None, metadata={"help": "Write completions.jsonl every N "
                                               "steps (default logging_steps)."})
+    shared_prefix: bool = field(default=True, metadata={"help": "Run each prompt (and its image) once per group in "
+                                "generation and in every training pass; micro-batches then hold whole groups "
+                                "when per_device_train_batch_size is a multiple of num_generations."})
     # The LM head runs outside the wrapped forward (vlmalign.models.forward bypasses it), which DDP's unused-parameter
     # search would mark unused and then see used ("marked ready twice"); every trainable parameter is used anyway.
     ddp_find_unused_parameters: bool | None = False
@@ -168,6 +180,10 @@ class GRPOTrainer(VLMTrainer):
         self._step = 0                            # micro-steps taken (TRL's _step)
         self._rounds = {"train": 0, "eval": 0}    # generation batches sampled (seeds the sampling streams)
         self._buffer: GenerationBuffer | None = None
+        if args.shared_prefix and args.per_device_train_batch_size % args.num_generations:
+            logger.info("shared_prefix: per_device_train_batch_size (%d) is not a multiple of num_generations (%d), "
+                        "so groups are split between micro-batches and each part runs its prompt once",
+                        args.per_device_train_batch_size, args.num_generations)
 
     def make_collator(self):
         return collate_rows
@@ -207,15 +223,13 @@ class GRPOTrainer(VLMTrainer):
             round_ = self._rounds["train"]
             batch = self._generate_and_score(inputs["rows"])
             seed = derive_seed(args.seed, round_, self.accelerator.process_index)
-            self._buffer = GenerationBuffer(batch, args.steps_per_generation, seed=seed)
+            self._buffer = GenerationBuffer(batch, args.steps_per_generation, seed=seed, by_group=args.shared_prefix)
         iteration, micro = divmod(position, args.steps_per_generation)
         self._step += 1
         return self._with_forward_batch(self._buffer.micro_batch(iteration, micro))
 
     def _with_forward_batch(self, micro: dict) -> dict:
-        micro["inputs"] = forward_batch(self.encoder, micro["rows"], micro["completion_ids"],
-                                        micro["completion_mask"], self.accelerator.device)
-        return micro
+        return micro_batch_inputs(self.encoder, micro, self.accelerator.device, shared_prefix=self.args.shared_prefix)
 
     # ------------------------------------------------------------------------------------ generate + score
 
@@ -226,7 +240,10 @@ class GRPOTrainer(VLMTrainer):
         self._rounds[mode] += 1
         n, rank, world = len(rows), acc.process_index, acc.num_processes
         seeds = [derive_seed(args.seed, mode == "eval", round_, rank * n + i) for i in range(n)]
-        rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling)
+        rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling,
+                                     shared_prefix=args.shared_prefix)
+        groups = rollout.group_index.cpu()                 # [N] completions of one prompt share an id
+        shared = groups if args.shared_prefix else None    # group ids for the shared-prefix log-prob passes
         device = acc.device
         ids, mask = rollout.completion_ids.to(device), rollout.completion_mask.to(device)
         truncated = rollout.truncated.to(device)
@@ -244,11 +261,11 @@ class GRPOTrainer(VLMTrainer):
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
         old = ref = None
         if mode == "train" and self.needs_old_logps:
-            old = self._old_logps(rows, ids, mask, batch_size)
+            old = self._old_logps(rows, ids, mask, batch_size, shared)
         if args.beta > 0:
             with reference_forward(self.model, self.ref_model) as ref_model:
                 ref = completion_logps(ref_model, self.encoder, rows, ids, mask, batch_size=batch_size,
-                                       temperature=args.temperature)
+                                       temperature=args.temperature, group_ids=shared)
 
         metrics = reward_metrics(per_func, total, self.reward_func_names)
         metrics.update(group_stats)                       # reward_std: mean group std, as TRL logs it
@@ -261,20 +278,19 @@ class GRPOTrainer(VLMTrainer):
                                   all_texts, per_func, self.reward_func_names, total, advantages)
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
-                               num_items_in_batch=num_items, old_logps=old, ref_logps=ref)
+                               num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups)
 
-    def _old_logps(self, rows, ids, mask, batch_size) -> torch.Tensor:
-        """Log-probs of the sampling policy, once per generation batch."""
+    def _old_logps(self, rows, ids, mask, batch_size, group_ids=None) -> torch.Tensor:
+        """Log-probs of the sampling policy, once per generation batch (shared-prefix path with `group_ids`)."""
         return completion_logps(self.model, self.encoder, rows, ids, mask, batch_size=batch_size,
-                                temperature=self.args.temperature)
+                                temperature=self.args.temperature, group_ids=group_ids)
 
     # ------------------------------------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mask = inputs["completion_mask"]
-        logps, entropy, _ = token_logps(model, inputs["inputs"], mask, keep_last=mask.shape[1], with_entropy=True,
-                                        temperature=args.temperature)
+        logps, entropy = micro_batch_logps(model, inputs, temperature=args.temperature, with_entropy=True)
         old = inputs["old_logps"] if inputs["old_logps"] is not None else logps.detach()
         training = model.training
         ga = args.gradient_accumulation_steps if training else 1
