@@ -147,11 +147,47 @@ class PreferenceCollator:
 
     encoder: Encoder
 
+    shared_prefix: bool = False
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         convs = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
         images = [r["images"] for r in rows] * 2
         skip = [sum(m["role"] == "assistant" for m in r["prompt"]) for r in rows] * 2
-        return self.encoder.encode(convs, images, skip_assistant_turns=skip)
+        batch = self.encoder.encode(convs, images, skip_assistant_turns=skip)
+        if self.shared_prefix:
+            prompts = self.encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows],
+                                          padding_side="left", add_generation_prompt=True, with_labels=False)
+            shared = split_completions(batch, prompts)
+            if shared is not None:
+                batch["shared"] = shared
+        return batch
+
+
+def split_completions(full: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor]) -> dict | None:
+    """The shared-prefix form of a preference batch: the B unique prompts (left-padded, with their vision tensors)
+    and the 2B answers as completions [2B, C] (right-padded) with their label mask, `prompt_index` [2B] telling
+    which prompt each answer continues. None when a rendered conversation does not start with its rendered prompt
+    (a chat template that changes earlier turns): then only the plain batch is used."""
+    ids, labels, attention = full["input_ids"], full["labels"], full["attention_mask"]
+    rows = prompts["input_ids"].shape[0]
+    prompt_lengths = prompts["attention_mask"].sum(dim=1)
+    pieces, masks = [], []
+    for i in range(ids.shape[0]):
+        k = i % rows
+        prompt = prompts["input_ids"][k][prompts["attention_mask"][k].bool()]
+        row, row_labels = ids[i][attention[i].bool()], labels[i][attention[i].bool()]  # right-padded: a prefix
+        n = int(prompt_lengths[k])
+        if len(row) <= n or not torch.equal(row[:n], prompt) or (row_labels[:n] != IGNORE_INDEX).any():
+            return None
+        pieces.append(row[n:])
+        masks.append(row_labels[n:] != IGNORE_INDEX)
+    width = max(len(p) for p in pieces)
+    pad = 0
+    completion_ids = torch.stack([torch.cat([p, p.new_full((width - len(p),), pad)]) for p in pieces])
+    completion_mask = torch.stack([torch.cat([m, m.new_zeros(width - len(m))]) for m in masks]).long()
+    prompt_index = torch.arange(ids.shape[0]) % rows
+    return {"prompt_inputs": prompts, "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "prompt_index": prompt_index}
 
 
 @dataclass

@@ -18,8 +18,8 @@ import torch
 from ..data.collate import PreferenceCollator
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from .base import BaseConfig, VLMTrainer
-from .reference import (RowsWithReferenceLogps, make_reference_model, precompute_reference_logps, reference_logps,
-                        sequence_logps)
+from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_reference_model,
+                        precompute_reference_logps, reference_logps)
 
 #: MPO (Wang et al. 2024, arXiv 2411.10442): preference (DPO) + quality (BCO) + generation (SFT) losses.
 MPO_PRESET = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
@@ -55,6 +55,9 @@ class DPOConfig(BaseConfig):
                                            "(image datasets supported)."})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "Rows per forward when "
                                                   "precomputing (default: per_device_train_batch_size)."})
+    shared_prefix: bool = field(default=True, metadata={"help": "Run each prompt and its images once for its "
+                                "chosen and rejected answers (policy and reference passes); same values and "
+                                "gradients as repeating the prompt."})
     learning_rate: float = 1e-6
 
     def __post_init__(self):
@@ -98,6 +101,7 @@ class DPOTrainer(VLMTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, callbacks=None, **kwargs):
         args = args if args is not None else DPOConfig(output_dir="dpo-output")
+        self._shared_prefix = args.shared_prefix  # read by make_collator, which runs inside super().__init__
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         precompute = args.precompute_ref_log_probs
@@ -108,7 +112,7 @@ class DPOTrainer(VLMTrainer):
             self.ref_model = None  # a given ref_model was used once (on the policy's device); none is kept
 
     def make_collator(self):
-        return DPOCollator(self.encoder)
+        return DPOCollator(self.encoder, shared_prefix=self._shared_prefix)
 
     # -------------------------------------------------------------------------------------------- reference
 
@@ -137,7 +141,7 @@ class DPOTrainer(VLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         precomputed = [inputs.pop(k, None) for k in _REF_KEYS]
-        logps, lengths = sequence_logps(model, inputs)                       # [2B] each
+        logps, lengths = batch_sequence_logps(model, inputs)                 # [2B] each
         if precomputed[0] is not None:
             ref_chosen, ref_rejected = (t.to(logps) for t in precomputed)
         else:

@@ -123,10 +123,36 @@ def sequence_logps(model: nn.Module, batch: dict, *, chunk_size: int = 1024) -> 
     return logps.sum(dim=1), mask.sum(dim=1)
 
 
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def shared_sequence_logps(model: nn.Module, shared: dict, *, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` on the shared-prefix form of a batch (`PreferenceCollator(shared_prefix=True)`): each prompt
+    and its images run once for all the answers that continue it. Same values and gradients as the plain path."""
+    from ..models.shared_prefix import shared_prefix_logps
+
+    mask = shared["completion_mask"]
+    logps, _ = shared_prefix_logps(model, shared["prompt_inputs"], shared["completion_ids"], mask,
+                                   prompt_index=shared["prompt_index"], chunk_size=chunk_size)
+    return (logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def batch_sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared-prefix path when the batch carries it, else the plain path."""
+    if "shared" in batch:
+        return shared_sequence_logps(model, batch["shared"])
+    return sequence_logps(model, {k: v for k, v in batch.items() if k != "shared"})
+
+
 def reference_logps(model: nn.Module, ref_model: nn.Module | None, batch: dict) -> torch.Tensor:
     """Per-row summed reference log-probs [B] (no grad), from `ref_model` or the adapter-disabled PEFT policy."""
     with reference_forward(model, ref_model) as ref:
-        return sequence_logps(ref, batch)[0].detach()
+        return batch_sequence_logps(ref, batch)[0].detach()
 
 
 # ------------------------------------------------------------------------------------ precomputed reference logps
@@ -156,7 +182,7 @@ def precompute_reference_logps(
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=len(rows) <= 4 * batch_size):
             chunk = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collator(chunk).items()}
+            batch = _to_device(collator(chunk), device)
             logps = reference_logps(model, ref_model, batch).float().cpu()
             n = len(chunk)
             for row, c, r in zip(chunk, logps[:n].tolist(), logps[n:].tolist()):
@@ -196,4 +222,6 @@ __all__ = [
     "reference_forward",
     "reference_logps",
     "sequence_logps",
+    "shared_sequence_logps",
+    "batch_sequence_logps",
 ]
