@@ -319,10 +319,11 @@ def test_mpo_resume_reproduces_uninterrupted_losses_and_bco_mean(tiny_model_dir,
     assert runs[0].running_mean.value == pytest.approx(runs[-1].running_mean.value, abs=1e-9)
 
 
+@pytest.mark.parametrize("k", [2, 1], ids=["at-generation-boundary", "inside-generation-batch"])
 @pytest.mark.parametrize("gspo", [False, True], ids=["grpo", "gspo"])
-def test_grpo_resume_at_generation_boundary_reproduces_losses(tiny_model_dir, tmp_path, gspo):
-    """Resume from a checkpoint at a generation-batch boundary: same completions (per-completion seeded sampling),
-    same losses. (A checkpoint inside a generation batch does not save the buffered completions: not exact.)"""
+def test_grpo_resume_reproduces_losses(tiny_model_dir, tmp_path, gspo, k):
+    """Resume at a generation-batch boundary (same completions: per-completion seeded sampling) or inside one (the
+    buffered completions, old-policy and reference log-probs are saved with the checkpoint): same losses."""
     from resume_utils import assert_same_losses, run_and_resume
 
     from vlmalign.trainers.grpo import GRPOConfig, GRPOTrainer
@@ -341,5 +342,5 @@ def test_grpo_resume_at_generation_boundary_reproduces_losses(tiny_model_dir, tm
                 else GRPOConfig(beta=0.04, num_iterations=2, **common))
         return GRPOTrainer(model=str(path), reward_funcs=[length_reward], args=args, train_dataset=data)
 
-    full, resumed = run_and_resume(factory, steps=4, k=2, workdir=str(tmp_path))
+    full, resumed = run_and_resume(factory, steps=4, k=k, workdir=str(tmp_path))
     assert_same_losses(full, resumed)

@@ -175,3 +175,40 @@ class GenerationBuffer:
             raise IndexError(f"micro-batch {step} of {self.steps_per_generation}")
         size = len(self.batch) // self.steps_per_generation
         return self.batch.select(self.order(iteration)[step * size:(step + 1) * size])
+
+
+# ------------------------------------------------------------------------------------------- checkpointing
+
+_BUFFER_TENSORS = ("completion_ids", "completion_mask", "loss_mask", "advantages", "old_logps", "ref_logps",
+                   "group_ids")
+
+
+def save_buffer(buffer: GenerationBuffer, path: str) -> None:
+    """Write a buffered generation batch to a safetensors file (no pickle): its tensors, and its rows as dataset
+    indices (`row["_index"]`), so a run resumed inside a generation batch trains on the same completions."""
+    from safetensors.torch import save_file
+
+    batch = buffer.batch
+    tensors = {k: getattr(batch, k).detach().cpu().clone() for k in _BUFFER_TENSORS if getattr(batch, k) is not None}
+    meta = {"row_indices": [int(r["_index"]) for r in batch.rows], "num_items_in_batch": float(batch.num_items_in_batch),
+            "steps_per_generation": buffer.steps_per_generation, "seed": buffer.seed, "shuffle": buffer.shuffle,
+            "by_group": buffer.by_group}
+    import json
+
+    save_file(tensors, path, metadata={"vlmalign": json.dumps(meta)})
+
+
+def load_buffer(path: str, row_by_index, device) -> GenerationBuffer:
+    """Inverse of `save_buffer`; `row_by_index(i)` returns the normalised dataset row `i`."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["vlmalign"])
+        tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
+    batch = GenerationBatch(rows=[row_by_index(i) for i in meta["row_indices"]],
+                            num_items_in_batch=meta["num_items_in_batch"],
+                            **{k: tensors.get(k) for k in _BUFFER_TENSORS})
+    return GenerationBuffer(batch, meta["steps_per_generation"], seed=meta["seed"], shuffle=meta["shuffle"],
+                            by_group=meta["by_group"])

@@ -31,6 +31,7 @@ the plain path by itself where the family does not support it or gradient checkp
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ from accelerate.utils import gather_object
 
 from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, policy_loss
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
-from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler
+from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
                               write_completions_log)
 from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name, reward_metrics
@@ -52,6 +53,7 @@ from .reference import make_reference_model, reference_forward
 #: 4 x gradient_accumulation_steps (`GRPOConfig.gspo(...)` does both).
 GSPO_PRESET = dict(importance_sampling_level="sequence", loss_type="grpo", beta=0.0, epsilon=3e-4, epsilon_high=4e-4)
 GSPO_STEPS_PER_GENERATION_FACTOR = 4
+BUFFER_FILE = "generation_buffer_rank{rank}.safetensors"
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +286,26 @@ class GRPOTrainer(VLMTrainer):
         """Log-probs of the sampling policy, once per generation batch (shared-prefix path with `group_ids`)."""
         return completion_logps(self.model, self.encoder, rows, ids, mask, batch_size=batch_size,
                                 temperature=self.args.temperature, group_ids=group_ids)
+
+    # ------------------------------------------------------------------------------------- checkpoint state
+
+    def _save_checkpoint(self, model, trial):
+        """Also save a generation batch still being served (a checkpoint inside a cycle), so a resumed run trains
+        on the same completions (the sampling streams are seeded, the rest is in `_resumable_attrs`)."""
+        super()._save_checkpoint(model, trial)
+        cycle = self.args.steps_per_generation * self.args.num_iterations
+        if self._buffer is not None and self._step % cycle:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_buffer(self._buffer, os.path.join(folder, BUFFER_FILE.format(rank=self.accelerator.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, BUFFER_FILE.format(rank=self.accelerator.process_index)) if checkpoint else None
+        if path and os.path.isfile(path):
+            rows = self.train_dataset
+            position = {index: i for i, index in enumerate(rows.indices)}
+            self._buffer = load_buffer(path, lambda index: rows[position[index]], self.accelerator.device)
 
     # ------------------------------------------------------------------------------------------------ loss
 
