@@ -51,7 +51,11 @@ def test_labels_and_token_types_every_family(tiny_model_dir, family, side):
     batch = encoder.encode([r["messages"] for r in rows], [r["images"] for r in rows], padding_side=side)
     tok = encoder.processor.tokenizer
     eos = encoder.family.eos_token
-    expected = ["<answer>red</answer>" + eos, "<answer>green</answer>" + eos + "<answer>1</answer>" + eos, "circle" + eos]
+    # the official templates of Idefics3, SmolVLM and LLaVA put a space between the role and the answer, after the
+    # generation prompt ("Assistant:", "ASSISTANT:"): that space is the first token the model generates
+    sep = " " if family in ("idefics3", "smolvlm", "llava_clip", "llava_siglip") else ""
+    expected = [sep + "<answer>red</answer>" + eos,
+                sep + "<answer>green</answer>" + eos + sep + "<answer>1</answer>" + eos, sep + "circle" + eos]
     for i, text in enumerate(expected):
         label_ids = batch["labels"][i][batch["labels"][i] != -100]
         assert tok.decode(label_ids) == text

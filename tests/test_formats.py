@@ -73,7 +73,8 @@ def test_sft_messages_typed_blocks():
     out = normalize_row(row, "sft")
     assert out["messages"] == [user(IMG, txt("Q")), assistant(txt("A"))]
     assert out["images"][0].mode == "RGB" and out["images"][0].tobytes() == image.tobytes()
-    assert out["id"] == 7 and set(out) == {"messages", "images", "id"}
+    assert out["id"] == 7 and set(out) == {"messages", "images", "id", "completion_start"}
+    assert out["completion_start"] == 0
 
 
 def test_string_content_becomes_text_block_and_input_not_mutated():

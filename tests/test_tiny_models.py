@@ -18,20 +18,35 @@ from transformers import AutoModelForImageTextToText
 
 from vlmalign.models.families import family_names, get_family
 from vlmalign.models.loading import load_processor
-from vlmalign.models.tiny import build_tiny_model, make_tiny_model
+from vlmalign.data.collate import Encoder
+from vlmalign.models.tiny import build_tiny_model, make_tiny_model, official_template
 from vlmalign.models.tokenizer import ANSWER_TAGS
 
 FAMILIES = family_names()
 
-# family -> (model class, processor class, image processor class, image placeholder tokens per 28x28 image)
+# family -> (model class, processor class, image processor class, image placeholder tokens per 28x28 image).
+# Qwen: upscaled to min_pixels 56 x 56, 28 px per token -> 2 x 2; Idefics3 / SmolVLM: upscaled to 2 x 2 tiles plus
+# the global view, 4 tokens each -> 20; LLaVA: 56 px / 14 px patches -> 16; Gemma3: 4 x 4 patches pooled to 2 x 2.
 EXPECTED = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2VLImageProcessorPil", 4),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor", "Qwen2VLImageProcessorPil", 4),
-    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor", "Idefics3ImageProcessorPil", 4),
-    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor", "SmolVLMImageProcessorPil", 4),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor", "Idefics3ImageProcessorPil", 20),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor", "SmolVLMImageProcessorPil", 20),
     "llava_clip": ("LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessorPil", 16),
     "llava_siglip": ("LlavaForConditionalGeneration", "LlavaProcessor", "SiglipImageProcessorPil", 16),
     "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor", "Gemma3ImageProcessorPil", 4),
+}
+
+# The real checkpoints' tokenizer facts (../shared/reference/official-templates-facts.md): BOS added by the
+# tokenizer, default padding side, eos and pad tokens, and the official template file each tiny model carries.
+TOKENIZER_FACTS = {
+    "qwen2_vl": (False, "left", "<|im_end|>", "<|endoftext|>", "qwen2_5_vl"),
+    "qwen2_5_vl": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen2_5_vl"),
+    "idefics3": (True, "left", "<|end_of_text|>", "<|reserved_special_token_0|>", "idefics3"),
+    "smolvlm": (False, "right", "<end_of_utterance>", "<|im_end|>", "smolvlm"),
+    "llava_clip": (True, "left", "</s>", "<pad>", "llava_1_5"),
+    "llava_siglip": (True, "left", "</s>", "<pad>", "llava_1_5"),
+    "gemma3": (True, "left", "<eos>", "<pad>", "gemma3"),
 }
 
 # Processor settings that must survive save -> load_processor (they fix the number of placeholder tokens).
@@ -114,9 +129,13 @@ def test_config_matches_tokenizer(tiny):
     assert tiny.model.get_input_embeddings().weight.shape[0] == len(tok)
     assert text.pad_token_id == tok.pad_token_id is not None
     assert text.bos_token_id == tok.bos_token_id
-    eos_id = tok.convert_tokens_to_ids(tiny.family.eos_token)
-    assert tok.eos_token == tiny.family.eos_token
-    assert tiny.model.generation_config.eos_token_id == eos_id
+    add_bos, side, eos, pad, template = TOKENIZER_FACTS[tiny.name]
+    assert (tok.eos_token, tok.pad_token, tok.padding_side) == (eos, pad, side)
+    assert tiny.processor.chat_template == official_template(template)
+    # generation stops at the end of a turn (and at the tokenizer's eos, as the real generation configs say)
+    stops = tiny.model.generation_config.eos_token_id
+    stops = [stops] if isinstance(stops, int) else stops
+    assert tok.convert_tokens_to_ids(tiny.family.eos_token) in stops and tok.eos_token_id in stops
     assert tiny.model.generation_config.pad_token_id == tok.pad_token_id
     image_id = tiny.family.image_token_id(tiny.model)
     assert tok.convert_tokens_to_ids(tiny.family.image_token) == image_id
@@ -144,7 +163,9 @@ def test_tokenizer_words_and_tags(tiny):
     text = "<think>the shape is red .</think><answer>red</answer>"
     ids = tok.encode(tiny.family.eos_token + text + tiny.family.eos_token, add_special_tokens=False)
     assert tok.decode(ids, skip_special_tokens=True) == text
-    assert tok.encode("what color", add_special_tokens=True) == tok.encode("what color", add_special_tokens=False)
+    plain = tok.encode("what color", add_special_tokens=False)
+    bos = [tok.bos_token_id] if TOKENIZER_FACTS[tiny.name][0] else []
+    assert tok.encode("what color", add_special_tokens=True) == bos + plain
 
 
 def test_registry(tiny):
@@ -171,29 +192,27 @@ def test_registry(tiny):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_chat_batch_forward(tiny, side):
     fam, tok = tiny.family, tiny.tokenizer
+    encoder = Encoder(tiny.processor, fam, fam.image_token_id(tiny.model))
     convs = _conversations()
-    batch = tiny.processor.apply_chat_template(
-        convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt",
-        processor_kwargs=dict(padding=True, padding_side=side),
-    )
-    ids, mask, assistant = batch["input_ids"], batch["attention_mask"], batch["assistant_masks"].bool()
+    batch = encoder.encode(convs, [[b["image"] for m in c for b in m["content"] if b["type"] == "image"] for c in convs],
+                           padding_side=side)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
     pad_column = mask[:, 0] if side == "left" else mask[:, -1]
     assert (pad_column == 0).any()  # the shorter row is padded on the requested side
     image_id = fam.image_token_id(tiny.model)
     per_image = EXPECTED[tiny.name][3]
-    assert 4 <= per_image <= 16
+    assert 4 <= per_image <= 24
     for row, answer in enumerate(ANSWERS):
-        assert tok.decode(ids[row][assistant[row]]) == answer + fam.eos_token
+        labels = batch["labels"][row]
+        assert tok.decode(labels[labels != -100]).strip() == answer + fam.eos_token
         assert int((ids[row] == image_id).sum()) == (row + 1) * per_image
-        if tok.bos_token_id is not None:  # BOS exactly once (the template's; the processor adds none)
+        if tok.bos_token_id is not None and tok.bos_token != "<|im_start|>":  # BOS exactly once
             assert int((ids[row] == tok.bos_token_id).sum()) == 1
     if fam.token_type_key is not None:
-        assert fam.token_type_key in batch
         expected = fam.token_type_ids(ids, image_id) * mask
         assert torch.equal(batch[fam.token_type_key] * mask, expected)
-    labels = torch.where(assistant & mask.bool(), ids, -100)
     tiny.model.zero_grad()
-    out = tiny.model(**_model_inputs(batch), labels=labels)
+    out = tiny.model(**batch)
     assert out.logits.shape[:2] == ids.shape
     assert torch.isfinite(out.logits).all()
     loss = out.loss.item()

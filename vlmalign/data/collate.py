@@ -1,10 +1,12 @@
-"""Rows -> model inputs, through the processor's chat template.
+"""Rows -> model inputs, through the model's own chat template.
 
 One path for every trainer: conversations (typed content, images in order) are rendered by the processor's chat
-template and tokenised with their images, which gives `input_ids`, `attention_mask`, every vision tensor the family
-needs, and the assistant-token mask (`{% generation %}` spans). On top of that:
+template and tokenised with their images, which gives `input_ids`, `attention_mask` and every vision tensor the
+family needs. On top of that:
 
-* `labels`: assistant (or completion) tokens only; image placeholders and other vision tokens never count;
+* `labels`: the answer tokens of the supervised assistant turns plus the end-of-turn token closing each, derived
+  from the template itself (`vlmalign.data.supervision`), never from `{% generation %}` markers; image
+  placeholders and other vision tokens never count;
 * token-type ids rebuilt from the ids (Qwen's `mm_token_type_ids`, Gemma3's `token_type_ids`), so they line up with
   the placeholders whatever the processor's padding side or BOS handling;
 * lengths measured with the images expanded: a row longer than `max_length` is dropped or rejected as a whole
@@ -21,35 +23,24 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.families import Family
+from .supervision import Supervisor, SupervisionError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
 
-def _with_inline_images(conversation: list[dict], images: list) -> list[dict]:
-    """Copy a conversation, putting each image into its `{"type": "image"}` block (in order), as the processor's
-    `apply_chat_template(tokenize=True)` expects."""
-    images = iter(images)
-    out = []
-    for message in conversation:
-        content = message["content"]
-        if isinstance(content, str):
-            out.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
-            continue
-        blocks = []
-        for block in content:
-            if block.get("type") == "image":
-                blocks.append({"type": "image", "image": next(images)})
-            else:
-                blocks.append({"type": "text", "text": block.get("text") or ""})
-        out.append({"role": message["role"], "content": blocks})
-    return out
+def _typed(conversation: list[dict]) -> list[dict]:
+    """Every message's content as typed parts (templates such as Idefics3's, SmolVLM's and LLaVA's render nothing
+    for plain-string content)."""
+    return [{"role": m["role"], "content": ([{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+                                           else m["content"])} for m in conversation]
 
 
 @dataclass
 class Encoder:
-    """Runs the processor on conversations and finishes the batch (labels, token types) for one family."""
+    """Renders conversations with the processor's chat template, tokenises them with their images, and finishes
+    the batch (labels, token types) for one family."""
 
     processor: object
     family: Family
@@ -57,6 +48,7 @@ class Encoder:
 
     def __post_init__(self):
         self.vision_token_ids = torch.tensor(self.family.suppress_token_ids(self.processor.tokenizer))
+        self.supervisor = Supervisor(self.processor, self.family.eos_token)
 
     def encode(
         self,
@@ -66,30 +58,25 @@ class Encoder:
         padding_side: str = "right",
         add_generation_prompt: bool = False,
         with_labels: bool = True,
-        skip_assistant_turns: list[int] | None = None,
+        supervise_from: list[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Tokenise a batch of conversations with their images.
 
-        `skip_assistant_turns[i]` leading assistant turns of row i get no labels (a preference prompt's own
-        assistant turns: only the completion counts)."""
-        convs = [_with_inline_images(c, im) for c, im in zip(conversations, images)]
-        out = self.processor.apply_chat_template(
-            convs,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            add_generation_prompt=add_generation_prompt,
-            return_assistant_tokens_mask=with_labels,
-            processor_kwargs=dict(padding=True, padding_side=padding_side),
-        )
-        batch = dict(out)
-        assistant = batch.pop("assistant_masks", None)
+        With labels, each assistant turn at message index >= `supervise_from[i]` (default 0: every assistant
+        turn) is supervised: its answer tokens and the end-of-turn token that closes it (`data/supervision.py`).
+        Raises `SupervisionError` (`.row` = the batch row) when a turn cannot be supervised."""
+        convs = [_typed(c) for c in conversations]
+        sup = self.supervisor
+        texts = [sup.render(c, add_generation_prompt) for c in convs]
+        batch = sup.tokenize(texts, images, padding_side=padding_side)
         self.fix_token_types(batch)
         if with_labels:
-            mask = torch.as_tensor(assistant).bool() & batch["attention_mask"].bool()
-            if skip_assistant_turns:
-                for i, k in enumerate(skip_assistant_turns):
-                    mask[i] = _drop_leading_runs(mask[i], k)
+            starts = supervise_from or [0] * len(convs)
+            spans = sup.spans(convs, images, batch["input_ids"], batch["attention_mask"], starts)
+            mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+            for i, row_spans in enumerate(spans):
+                for a, b in row_spans:
+                    mask[i, a:b] = True
             mask &= ~torch.isin(batch["input_ids"], self.vision_token_ids)
             batch["labels"] = torch.where(mask, batch["input_ids"], IGNORE_INDEX)
         return batch
@@ -108,23 +95,6 @@ class Encoder:
         return batch["attention_mask"].sum(dim=1).tolist()
 
 
-def _drop_leading_runs(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Zero the first `k` contiguous runs of True in a 1-D mask."""
-    if k <= 0:
-        return mask
-    mask = mask.clone()
-    idx = torch.nonzero(mask).flatten().tolist()
-    runs, prev = 0, None
-    for i in idx:
-        if prev is None or i != prev + 1:
-            runs += 1
-        if runs > k:
-            break
-        mask[i] = False
-        prev = i
-    return mask
-
-
 # ------------------------------------------------------------------------------------------------- collators
 
 
@@ -135,7 +105,8 @@ class SFTCollator:
     encoder: Encoder
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return self.encoder.encode([r["messages"] for r in rows], [r["images"] for r in rows])
+        return self.encoder.encode([r["messages"] for r in rows], [r["images"] for r in rows],
+                                   supervise_from=[r.get("completion_start", 0) for r in rows])
 
 
 @dataclass
@@ -152,8 +123,8 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         convs = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
         images = [r["images"] for r in rows] * 2
-        skip = [sum(m["role"] == "assistant" for m in r["prompt"]) for r in rows] * 2
-        batch = self.encoder.encode(convs, images, skip_assistant_turns=skip)
+        starts = [len(r["prompt"]) for r in rows] * 2
+        batch = self.encoder.encode(convs, images, supervise_from=starts)
         if self.shared_prefix:
             prompts = self.encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows],
                                           padding_side="left", add_generation_prompt=True, with_labels=False)

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
-from .collate import Encoder, filter_by_length
-from .formats import normalize_row, validate_dataset
+from .collate import Encoder, SequenceTooLongError
+from .formats import DataValidationError, RowError, normalize_row, validate_dataset
+from .supervision import SupervisionError
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +30,68 @@ class RowDataset(torch.utils.data.Dataset):
         return row
 
 
-def _conversations(row: dict, kind: str) -> list[tuple[list[dict], list, bool]]:
-    """The sequences a row becomes in training, as (conversation, images, add_generation_prompt)."""
+def _sequences(row: dict, kind: str) -> list[tuple[str, list[dict], bool, int]]:
+    """The sequences a row becomes in training, as (column, conversation, add_generation_prompt, supervise_from)."""
     if kind == "sft":
-        return [(row["messages"], row["images"], False)]
+        return [("messages", row["messages"], False, row.get("completion_start", 0))]
     if kind == "preference":
-        return [(row["prompt"] + row["chosen"], row["images"], False),
-                (row["prompt"] + row["rejected"], row["images"], False)]
-    return [(row["prompt"], row["images"], True)]
+        n = len(row["prompt"])
+        return [("chosen", row["prompt"] + row["chosen"], False, n), ("rejected", row["prompt"] + row["rejected"], False, n)]
+    return [("prompt", row["prompt"], True, 0)]
+
+
+def check_with_template(rows: "RowDataset", kind: str, encoder: Encoder, *, measure: bool = True,
+                        batch_size: int = 32) -> dict[int, int]:
+    """Render every row with the model's chat template and check what training will see: no message text that the
+    template drops, and (SFT / preference) at least one supervised token per answer. With `measure`, also tokenise
+    with the images expanded and return {row index: its longest sequence's length}. Raises DataValidationError
+    naming every bad row, its column and why."""
+    from tqdm.auto import tqdm
+
+    sup = encoder.supervisor
+    errors: list[RowError] = []
+    lengths: dict[int, int] = {}
+    seqs = []
+    for i in range(len(rows)):
+        row = rows[i]
+        index = rows.indices[i]
+        for column, conversation, gen, start in _sequences(row, kind):
+            why = sup.dropped_text(conversation)
+            if why:
+                errors.append(RowError(index, column, why))
+            else:
+                seqs.append((index, column, conversation, row["images"], gen, start))
+    labels = kind in ("sft", "preference")
+    if (measure or labels) and seqs:
+        chunks = range(0, len(seqs), batch_size)
+        for c in tqdm(chunks, desc="checking rows with the chat template", unit="batch", disable=len(chunks) < 20):
+            chunk = seqs[c:c + batch_size]
+            for part, batch in _encode_checked(chunk, encoder, labels, errors):
+                for s, n in zip(part, batch["attention_mask"].sum(dim=1).tolist()):
+                    lengths[s[0]] = max(lengths.get(s[0], 0), int(n))
+    if errors:
+        errors.sort(key=lambda e: (e.row, e.column or ""))
+        raise DataValidationError(errors, len(rows))
+    return lengths
+
+
+def _encode_checked(chunk: list, encoder: Encoder, labels: bool, errors: list[RowError]) -> list[tuple[list, dict]]:
+    """[(sequences, their batch)]: the chunk as one batch when it encodes; otherwise each sequence alone, the
+    failing ones recorded in `errors` with their row and column."""
+    def encode(part):
+        return encoder.encode([s[2] for s in part], [s[3] for s in part], add_generation_prompt=part[0][4],
+                              with_labels=labels, supervise_from=[s[5] for s in part])
+
+    try:
+        return [(chunk, encode(chunk))]
+    except SupervisionError:
+        out = []
+        for s in chunk:
+            try:
+                out.append(([s], encode([s])))
+            except SupervisionError as e:
+                errors.append(RowError(s[0], s[1], f"cannot be supervised with the model's chat template: {e}"))
+        return out
 
 
 def prepare_rows(
@@ -49,28 +104,28 @@ def prepare_rows(
     max_image_pixels: int | None = None,
     name: str = "train_dataset",
 ) -> RowDataset:
-    """Validate every row (errors name each bad row and column, all of them), then measure each row's sequences with
-    their images expanded and drop or reject the ones longer than `max_length` (never cut)."""
+    """Validate every row (errors name each bad row and column, all of them), check each row through the model's
+    chat template (`check_with_template`), and drop or reject the rows longer than `max_length` with their images
+    expanded (never cut)."""
     if dataset is None:
         return None
     if isinstance(dataset, RowDataset):
         return dataset
+    if truncation_policy not in ("drop", "raise"):
+        raise ValueError(f"truncation policy must be 'drop' or 'raise', got {truncation_policy!r}")
     report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise")
     if report.num_converted_images:
         logger.info("%s: %d non-RGB images converted to RGB", name, report.num_converted_images)
     rows = RowDataset(dataset, kind, report.valid_indices, max_image_pixels=max_image_pixels)
+    lengths = check_with_template(rows, kind, encoder, measure=max_length is not None)
     if max_length is None:
         return rows
-    column = {"sft": "messages", "preference": "chosen/rejected", "prompt": "prompt"}[kind]
-    seqs, owners = [], []
-    for i in range(len(rows)):
-        for conv, images, gen in _conversations(rows[i], kind):
-            seqs.append((conv, images))
-            owners.append(rows.indices[i])
-    add_gen = kind == "prompt"
-    length_report = filter_by_length(seqs, encoder, max_length, truncation_policy, column=column,
-                                     add_generation_prompt=add_gen, row_ids=owners)
-    too_long = {owners[j] for j in length_report.dropped}
+    too_long = {i: n for i, n in lengths.items() if n > max_length}
+    if too_long and truncation_policy == "raise":
+        column = {"sft": "messages", "preference": "chosen/rejected", "prompt": "prompt"}[kind]
+        lines = [f"row {i}, column '{column}': {n} tokens with its images > max_length={max_length}"
+                 for i, n in sorted(too_long.items())[:50]]
+        raise SequenceTooLongError("rows too long (rows are never cut inside images):\n  " + "\n  ".join(lines))
     if too_long:
         logger.warning("%s: dropped %d rows longer than max_length=%d (rows are never cut inside images): %s",
                        name, len(too_long), max_length, sorted(too_long)[:20])

@@ -278,7 +278,12 @@ def _sft(row: Mapping) -> tuple[list[tuple[str, list[dict]]], dict]:
     messages = [m for _, section in sections for m in section]
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(sections[0][0], "has no assistant turn (nothing to train on)")
-    return sections, {"messages": messages}
+    if messages[-1]["role"] != "assistant":
+        raise _Bad(sections[-1][0], f"the last turn is a {messages[-1]['role']} turn; an SFT conversation must end "
+                                    "with the assistant's answer (a trailing turn would never be trained on)")
+    # prompt + completion: only the completion is trained on, even when the prompt holds assistant turns (as TRL)
+    start = len(sections[0][1]) if column is None else 0
+    return sections, {"messages": messages, "completion_start": start}
 
 
 def _preference(row: Mapping) -> tuple[list[tuple[str, list[dict]]], dict]:

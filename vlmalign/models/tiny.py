@@ -4,7 +4,7 @@
 generation config, tokenizer, image processor, processor with chat template) that
 `AutoModelForImageTextToText.from_pretrained` and `vlmalign.models.load_processor` load. Sizes:
 
-* ``tiny``  - for tests and the demo: ~0.2-2M parameters, 4-16 image tokens per image (28x28 images);
+* ``tiny``  - for tests and the demo: ~0.2-2M parameters, 4-24 image tokens per image (the synthetic 28 px images);
 * ``small`` - for benchmarks: hidden >= 256, >= 4 layers, >= 256 image tokens per image.
 
 Each family's builder returns (model config, tokenizer, processor); the shared code below saves them. Traps handled
@@ -39,82 +39,55 @@ def _task_words() -> list[str]:
     return list(TASK_WORDS)
 
 
-def chat_template(
-    *,
-    turn_start: dict[str, str],
-    turn_end: str,
-    image: str,
-    bos: str = "",
-    separator: str = "\n",
-    user_turn_end: str | None = None,
-) -> str:
-    """A Jinja chat template rendering typed content (`{"type": "image"}` / `{"type": "text"}`) or string
-    content, with assistant turns wrapped in `{% generation %}` (for `return_assistant_tokens_mask`).
-    The end-of-turn token of an assistant turn is part of the generation (the model must learn to stop).
-    `user_turn_end` (default: `turn_end`) ends the other turns, for formats like LLaVA's where only the
-    assistant turn ends with a token.
+TEMPLATES = Path(__file__).parent / "chat_templates"
 
-    The assistant's turn start must end with a character that never merges with the first token of the answer
-    (a newline, a colon, a special token): with a trailing space (``"ASSISTANT: "``) the space would be a token
-    of its own in the generation prompt but merged into the answer's first word (``" red"``) in training."""
-    starts = "{" + ", ".join(f"'{role}': {text!r}" for role, text in turn_start.items()) + "}"
-    end = "{{- '" + turn_end + "' -}}"
-    other_end = end if user_turn_end is None else ("{{- '" + user_turn_end + "' -}}" if user_turn_end else "")
-    return (
-        "{%- set starts = " + starts + " -%}"
-        "{%- macro render(content) -%}"
-        "{%- if content is string -%}{{- content -}}"
-        "{%- else -%}{%- for block in content -%}"
-        "{%- if block['type'] == 'image' -%}{{- '" + image + "' -}}"
-        "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{%- endmacro -%}"
-        + (bos and "{{- '" + bos + "' -}}")
-        + "{%- for message in messages -%}"
-        "{{- starts[message['role']] -}}"
-        "{%- if message['role'] == 'assistant' -%}"
-        "{%- generation -%}{{- render(message['content']) -}}" + end + "{%- endgeneration -%}"
-        "{%- else -%}{{- render(message['content']) -}}" + other_end + "{%- endif -%}"
-        "{{- '" + separator.replace("\n", "\\n") + "' -}}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- starts['assistant'] -}}{%- endif -%}"
-    )
+
+def official_template(name: str) -> str:
+    """An official chat template shipped with vlmalign (`chat_templates/SOURCES.md` names each source), byte for
+    byte."""
+    with open(TEMPLATES / f"{name}.jinja", encoding="utf-8", newline="") as f:
+        return f.read()
 
 
 @dataclass
 class Built:
     config: transformers.PretrainedConfig
     processor: transformers.ProcessorMixin
+    eos_token_ids: tuple[str, ...]  # generation_config.eos_token_id, as the real checkpoint's (token strings)
 
+
+# Each builder below is the real checkpoint scaled down in sizes only: the official chat template, the real special
+# tokens (BOS added by the tokenizer or not, EOS, pad, image tokens), the real default padding side, the real
+# patch / merge / pooling structure that decides the image token counts, with fewer pixels and smaller layers.
+# The reference for each fact: ../shared/reference/official-templates-facts.md (sources named there).
 
 # --------------------------------------------------------------------------------------------------- Qwen2-VL family
 
 
-def _qwen_tokenizer(words):
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    template = chat_template(
-        turn_start={r: f"<|im_start|>{r}\n" for r in ("system", "user", "assistant")},
-        turn_end="<|im_end|>",
-        image="<|vision_start|><|image_pad|><|vision_end|>",
-    )
-    return build_tokenizer(
-        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words, chat_template=template,
-        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
-
-
 def _qwen(size: str, words, *, v25: bool) -> Built:
-    tok = _qwen_tokenizer(words)
+    # Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct: ChatML with a default system prompt, no BOS, eos
+    # <|im_end|>, pad <|endoftext|>; padding side left (Qwen2-VL) / right (Qwen2.5-VL); 14 px patches merged 2 x 2,
+    # temporal patch 2: one image token per 28 x 28 px, at least 56 x 56 px (min_pixels 3136).
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = build_tokenizer(
+        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words,
+        chat_template=official_template("qwen2_5_vl"), padding_side="right" if v25 else "left",
+        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
     ids = tok.convert_tokens_to_ids
-    if size == "tiny":
+    if size == "tiny":  # 56-112 px: 4-16 image tokens
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, mrope_section=[4, 2, 2])
-        vision = dict(depth=1, embed_dim=64, hidden_size=64, num_heads=4, patch_size=7, image=28)
-    else:  # small: 224 px / (7 px * merge 2) = 16 x 16 = 256 image tokens
+        vision = dict(depth=1, embed_dim=64, hidden_size=64, num_heads=4)
+        min_pixels, max_pixels = 56 * 56, 112 * 112
+    else:  # small: 448 x 448 px = 16 x 16 = 256 image tokens
         text = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                     num_key_value_heads=2, mrope_section=[16, 8, 8])
-        vision = dict(depth=2, embed_dim=128, hidden_size=256, num_heads=4, patch_size=7, image=224)
-    image = vision.pop("image")
+        vision = dict(depth=2, embed_dim=128, hidden_size=256, num_heads=4)
+        min_pixels = max_pixels = 448 * 448
+    patch = 14
     text_config = dict(
         vocab_size=len(tok), hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
         num_hidden_layers=text["num_hidden_layers"], num_attention_heads=text["num_attention_heads"],
@@ -126,12 +99,12 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
     if v25:
         vision_config = dict(depth=vision["depth"], hidden_size=vision["embed_dim"], out_hidden_size=text["hidden_size"],
                              intermediate_size=2 * vision["embed_dim"], num_heads=vision["num_heads"],
-                             patch_size=vision["patch_size"], spatial_merge_size=2, temporal_patch_size=2,
-                             window_size=4 * vision["patch_size"], fullatt_block_indexes=[vision["depth"] - 1])
+                             patch_size=patch, spatial_merge_size=2, temporal_patch_size=2,
+                             window_size=8 * patch, fullatt_block_indexes=[vision["depth"] - 1])
         config_cls, processor_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLProcessor
     else:
         vision_config = dict(depth=vision["depth"], embed_dim=vision["embed_dim"], hidden_size=text["hidden_size"],
-                             num_heads=vision["num_heads"], mlp_ratio=2, patch_size=vision["patch_size"],
+                             num_heads=vision["num_heads"], mlp_ratio=2, patch_size=patch,
                              spatial_merge_size=2, temporal_patch_size=2)
         config_cls, processor_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLProcessor
     config = config_cls(
@@ -140,15 +113,15 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
-    pixels = image * image
     image_processor = transformers.Qwen2VLImageProcessorPil(
-        patch_size=vision["patch_size"], merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )
     processor = image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
     )
-    return Built(config, processor)
+    return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
 
 
 # ------------------------------------------------------------------------------------------- shared text settings
@@ -161,10 +134,9 @@ _TEXT = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2),
 }
-# Vision towers: tiny sees 28 px images in 7 px patches (4 x 4 patches), small 224 px (32 x 32) or 112 px (16 x 16).
 _VISION = {
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, patch_size=7),
-    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, patch_size=7),
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4),
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
 
 
@@ -180,82 +152,87 @@ def _llama_text_config(size: str, tok, *, bos: str | None, eos: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ Idefics3 and SmolVLM
 
-# Every token the Idefics3 / SmolVLM processors can emit around an image (row/col markers only with image
-# splitting, which the tiny models turn off; they are in the vocabulary all the same, as in the real tokenizers).
+# Every token the Idefics3 / SmolVLM processors emit around an image: the placeholder, the block wrapper, the
+# global-image tag and the row/column markers of split images (<row_1_col_1> ... <row_6_col_6>).
 _IDEFICS_ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 _IDEFICS_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", *_IDEFICS_ROW_COL]
 
 
 def _idefics(size: str, words, *, smolvlm: bool) -> Built:
-    # The real templates: Idefics3 "<|begin_of_text|>User:<image>...<end_of_utterance>\nAssistant: ...", SmolVLM the
-    # same after "<|im_start|>". The assistant start has no trailing space (see `chat_template`).
-    bos = "<|im_start|>" if smolvlm else "<|begin_of_text|>"
-    pad = "<|endoftext|>" if smolvlm else "<|end_of_text|>"
     eos = "<end_of_utterance>"
-    template = chat_template(
-        turn_start={"system": "System:", "user": "User:", "assistant": "Assistant:"},
-        turn_end=eos, image="<image>", bos=bos,
-    )
     extra = {"fake_image_token": "<fake_token_around_image>", "image_token": "<image>",
              "end_of_utterance_token": eos, "global_image_token": "<global-img>"}
-    specials = ["<|im_end|>"] if smolvlm else []
-    tok = build_tokenizer(
-        [*specials, eos, *_IDEFICS_IMAGE_TOKENS], eos_token=eos, pad_token=pad, bos_token=bos, extra_words=words,
-        chat_template=template, extra_special=extra,
-    )
-    # One image = one block of image_seq_len tokens: no splitting; pixel shuffle by 2 ->
-    # tiny (28 / 7)^2 / 4 = 4 tokens, small (224 / 7)^2 / 4 = 256 tokens.
-    image, scale = (28, 2) if size == "tiny" else (224, 2)
-    vision = dict(_VISION[size], image_size=image)
-    image_seq_len = (image // vision["patch_size"]) ** 2 // scale**2
+    if smolvlm:
+        # HuggingFaceTB/SmolVLM-256M-Instruct: the template starts with a literal <|im_start|> (= bos token text),
+        # the tokenizer adds no BOS; eos <end_of_utterance>, pad <|im_end|>, unk <|endoftext|>. SigLIP 16 px
+        # patches, pixel shuffle 4: 512 px tiles of 64 tokens; scaled: 128 px tiles of (128/16)^2/4^2 = 4 tokens.
+        tok = build_tokenizer(
+            ["<|im_end|>", eos, *_IDEFICS_IMAGE_TOKENS], eos_token=eos, pad_token="<|im_end|>",
+            bos_token="<|im_start|>", unk_token="<|endoftext|>", extra_words=words,
+            chat_template=official_template("smolvlm"), extra_special=extra,
+        )
+        patch, scale, tile = 16, 4, 128 if size == "tiny" else 512
+        text_bos, eos_ids = "<|im_start|>", (eos,)
+    else:
+        # HuggingFaceM4/Idefics3-8B-Llama3: the template starts with a literal <|begin_of_text|> and the tokenizer
+        # adds BOS too (never two: see data/supervision.py); pads left. SigLIP 14 px patches, pixel shuffle 2:
+        # 364 px tiles of 169 tokens; scaled: 56 px tiles of (56/14)^2/2^2 = 4 tokens.
+        tok = build_tokenizer(
+            ["<|reserved_special_token_0|>", eos, *_IDEFICS_IMAGE_TOKENS], eos_token="<|end_of_text|>",
+            pad_token="<|reserved_special_token_0|>", bos_token="<|begin_of_text|>", extra_words=words,
+            chat_template=official_template("idefics3"), extra_special=extra, add_bos=True, padding_side="left",
+        )
+        patch, scale, tile = 14, 2, 56 if size == "tiny" else 224
+        text_bos, eos_ids = "<|begin_of_text|>", ("<|end_of_text|>", eos)
+    # Image splitting as the real processors do it: the image is resized to at most 2 x 2 tiles (4 x 4 in the
+    # real ones), each tile plus a downscaled global view is encoded, with <row_i_col_j> / <global-img> markers.
+    vision = dict(_VISION[size], image_size=tile, patch_size=patch)
+    image_seq_len = (tile // patch) ** 2 // scale**2
     config_cls = transformers.SmolVLMConfig if smolvlm else transformers.Idefics3Config
-    text_config = _llama_text_config(size, tok, bos=bos, eos=eos)
+    text_config = _llama_text_config(size, tok, bos=text_bos, eos=eos)
     config = config_cls(
         text_config=text_config, vision_config=vision, scale_factor=scale,
         image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
     )
     ip_cls = transformers.SmolVLMImageProcessorPil if smolvlm else transformers.Idefics3ImageProcessorPil
     image_processor = ip_cls(
-        do_image_splitting=False, size={"longest_edge": image}, max_image_size={"longest_edge": image},
+        do_image_splitting=True, size={"longest_edge": 2 * tile}, max_image_size={"longest_edge": tile},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
     )
     processor_cls = transformers.SmolVLMProcessor if smolvlm else transformers.Idefics3Processor
     processor = image_only_processor_class(processor_cls)(
         image_processor=image_processor, tokenizer=tok, image_seq_len=image_seq_len, chat_template=tok.chat_template
     )
-    return Built(config, processor)
+    return Built(config, processor, eos_ids)
 
 
 # ------------------------------------------------------------------------------------------------------------ LLaVA
 
 
 def _llava(size: str, words, *, siglip: bool) -> Built:
-    # LLaVA-1.5's "<s>USER: <image>\n... ASSISTANT: ...</s>USER: ..."; only the assistant turn ends with </s>.
-    # The assistant start has no trailing space (see `chat_template`).
-    template = chat_template(
-        turn_start={"system": "", "user": "USER: ", "assistant": "ASSISTANT:"},
-        turn_end="</s>", user_turn_end=" ", image="<image>\n", bos="<s>", separator="",
-    )
+    # llava-hf/llava-1.5-7b-hf: "USER: <image>\n... ASSISTANT: ..." (the template renders no BOS and no </s>; the
+    # tokenizer adds <s>), pad <pad>, padding side left; CLIP ViT-L/14 at 336 px: one token per 14 px patch, the
+    # CLS token added and dropped again ("default" strategy), features of the penultimate layer. Scaled: 56 px
+    # (tiny, 16 tokens) or 224 px (small, 256 tokens). The SigLIP variant (no CLS, "full") shares the rest.
     tok = build_tokenizer(
         ["<image>"], eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>", extra_words=words,
-        chat_template=template, extra_special={"image_token": "<image>"},
+        chat_template=official_template("llava_1_5"), extra_special={"image_token": "<image>"},
+        add_bos=True, padding_side="left",
     )
-    # tiny: 28 px / 7 px = 4 x 4 = 16 tokens; small: 112 px / 7 px = 16 x 16 = 256 tokens. CLIP adds a CLS token
-    # that the "default" feature strategy drops again; SigLIP has none ("full").
-    image = 28 if size == "tiny" else 112
-    vision = dict(_VISION[size], image_size=image, model_type="siglip_vision_model" if siglip else "clip_vision_model")
+    patch, image = 14, 56 if size == "tiny" else 224
+    vision = dict(_VISION[size], image_size=image, patch_size=patch, num_hidden_layers=2,
+                  model_type="siglip_vision_model" if siglip else "clip_vision_model")
     if siglip:
         vision["vision_use_head"] = False  # the pooling head is unused by LLaVA (no gradients)
     else:
         vision["projection_dim"] = vision["hidden_size"]
     strategy = "full" if siglip else "default"
-    num_tokens = (image // vision["patch_size"]) ** 2
+    num_tokens = (image // patch) ** 2
     config = transformers.LlavaConfig(
         text_config=_llama_text_config(size, tok, bos="<s>", eos="</s>"), vision_config=vision,
         image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=num_tokens,
-        vision_feature_select_strategy=strategy,
-        # The last layer (real checkpoints take the penultimate of a deep tower; with one layer that would be the
-        # patch embeddings and leave the layer without gradients).
-        vision_feature_layer=-1, projector_hidden_act="gelu", tie_word_embeddings=False,
+        vision_feature_select_strategy=strategy, vision_feature_layer=-2, projector_hidden_act="gelu",
+        tie_word_embeddings=False,
     )
     if siglip:
         image_processor = transformers.SiglipImageProcessorPil(size={"height": image, "width": image})
@@ -264,34 +241,31 @@ def _llava(size: str, words, *, siglip: bool) -> Built:
             size={"shortest_edge": image}, crop_size={"height": image, "width": image}
         )
     processor = transformers.LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=vision["patch_size"],
+        image_processor=image_processor, tokenizer=tok, patch_size=patch,
         vision_feature_select_strategy=strategy, num_additional_image_tokens=0 if siglip else 1,
         chat_template=tok.chat_template,
     )
-    return Built(config, processor)
+    return Built(config, processor, ("</s>",))
 
 
 # ----------------------------------------------------------------------------------------------------------- Gemma3
 
 
 def _gemma3(size: str, words) -> Built:
-    # "<bos><start_of_turn>user\n...<end_of_turn>\n<start_of_turn>model\n...<end_of_turn>\n"; the image slot is
-    # <start_of_image>, which the processor expands to "\n\n<start_of_image><image_soft_token>*N<end_of_image>\n\n".
-    template = chat_template(
-        turn_start={"system": "<start_of_turn>user\n", "user": "<start_of_turn>user\n",
-                    "assistant": "<start_of_turn>model\n"},
-        turn_end="<end_of_turn>", image="<start_of_image>", bos="<bos>",
-    )
+    # google/gemma-3-4b-it: the template renders {{ bos_token }} and the tokenizer adds BOS too (never two); turns
+    # end with <end_of_turn>, the tokenizer's eos is <eos>, pad <pad>, padding side left. Each <start_of_image> is
+    # expanded by the processor to "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n"; SigLIP 14 px patches
+    # at 896 px average-pooled to 16 x 16 = 256 soft tokens. Scaled: 56 px, 4 x 4 patches pooled to 2 x 2 = 4
+    # tokens (tiny), or 224 px, 16 x 16 patches kept at 16 x 16 = 256 (small).
     tok = build_tokenizer(
-        ["<start_of_turn>", "<end_of_turn>", "<eos>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
-        eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>", extra_words=words,
-        chat_template=template,
+        ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+        eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>", extra_words=words,
+        chat_template=official_template("gemma3"), add_bos=True, padding_side="left",
         extra_special={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                        "image_token": "<image_soft_token>"},
     )
     ids = tok.convert_tokens_to_ids
-    # tiny: 28 px / 7 px = 4 x 4 patches pooled 2 x 2 -> 4 tokens; small: 224 / 7 = 32 x 32 pooled -> 16 x 16 = 256.
-    image, mm_tokens = (28, 4) if size == "tiny" else (224, 256)
+    image, mm_tokens = (56, 4) if size == "tiny" else (224, 256)
     text = _TEXT[size]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     layers = text["num_hidden_layers"]
@@ -300,10 +274,11 @@ def _gemma3(size: str, words) -> Built:
         max_position_embeddings=4096, sliding_window=512,
         # Gemma3's 5:1 local/global pattern, shortened: the last layer global.
         layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
-        bos_token_id=ids("<bos>"), eos_token_id=ids("<end_of_turn>"), pad_token_id=tok.pad_token_id,
+        bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<end_of_turn>")], pad_token_id=tok.pad_token_id,
         tie_word_embeddings=True,
     )
-    vision = dict(_VISION[size], image_size=image, model_type="siglip_vision_model", vision_use_head=False)
+    vision = dict(_VISION[size], image_size=image, patch_size=14, model_type="siglip_vision_model",
+                  vision_use_head=False)
     config = transformers.Gemma3Config(
         text_config=text_config, vision_config=vision, mm_tokens_per_image=mm_tokens,
         boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
@@ -313,7 +288,7 @@ def _gemma3(size: str, words) -> Built:
     processor = transformers.Gemma3Processor(
         image_processor=image_processor, tokenizer=tok, image_seq_length=mm_tokens, chat_template=tok.chat_template
     )
-    return Built(config, processor)
+    return Built(config, processor, ("<eos>", "<end_of_turn>"))
 
 
 BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
@@ -350,9 +325,10 @@ def build_tiny_model(family: str, size: str = "tiny", *, seed: int = 0, words: l
     model = AutoModelForImageTextToText.from_config(built.config, dtype=torch.float32)
     _redraw_zero_matrices(model)
     tok = built.processor.tokenizer
-    eos_id = tok.convert_tokens_to_ids(fam.eos_token)
+    eos_ids = [tok.convert_tokens_to_ids(t) for t in built.eos_token_ids]
     model.generation_config = GenerationConfig(
-        eos_token_id=eos_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id
+        eos_token_id=eos_ids[0] if len(eos_ids) == 1 else eos_ids, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     model.eval()
     return model, built.processor

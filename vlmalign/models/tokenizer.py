@@ -17,7 +17,9 @@ ANSWER_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 # Words every tiny tokenizer knows as whole tokens. The synthetic tasks add theirs on top (see `build_tokenizer`).
 BASE_WORDS = (
     "user assistant system what which how many is are the there of a an and it in on to color colour shape shapes "
-    "left right answer image picture yes no . , ? : 0 1 2 3 4 5 6 7 8 9"
+    "left right answer image picture yes no . , ? : 0 1 2 3 4 5 6 7 8 9 "
+    # the official chat templates' own words (role names, Qwen's default system prompt)
+    "You helpful User Assistant System USER ASSISTANT model"
 ).split()
 
 
@@ -39,13 +41,17 @@ def build_tokenizer(
     extra_words: list[str] = (),
     chat_template: str | None = None,
     extra_special: dict[str, str] | None = None,
+    add_bos: bool = False,
+    padding_side: str = "right",
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on the task vocabulary and wrap it as a transformers fast tokenizer.
 
     `special_tokens` are the family's control tokens (turn markers, image placeholders...). They are added as
     special tokens, so `skip_special_tokens=True` removes them; the answer tags are added as normal tokens.
     `extra_special` maps tokenizer attribute names (e.g. ``image_token``) to token strings, saved with the tokenizer
-    so processors that read ``tokenizer.image_token`` find them.
+    so processors that read ``tokenizer.image_token`` find them. `add_bos` makes the tokenizer put BOS in front
+    of every encoded text (as the real LLaVA, Idefics3 and Gemma tokenizers do); `padding_side` is the real
+    checkpoint's default.
     """
     words = list(dict.fromkeys([*BASE_WORDS, *extra_words]))
     tok = Tokenizer(models.BPE())
@@ -64,7 +70,9 @@ def build_tokenizer(
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ANSWER_TAGS])
 
-    kwargs = dict(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token)
+    kwargs = dict(tokenizer_object=tok, eos_token=eos_token, pad_token=pad_token, padding_side=padding_side)
+    if add_bos:
+        kwargs["add_bos_token"] = True
     if bos_token:
         kwargs["bos_token"] = bos_token
     if unk_token:
@@ -72,8 +80,6 @@ def build_tokenizer(
     if extra_special:
         kwargs["extra_special_tokens"] = dict(extra_special)
     tokenizer = PreTrainedTokenizerFast(**kwargs)
-    tokenizer.add_bos_token = False
-    tokenizer.add_eos_token = False
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer

@@ -218,6 +218,14 @@ class VLMTrainer(MetricsMixin, Trainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=self.make_collator(), callbacks=callbacks, **kwargs,
         )
+        # Trainer.__init__ sets this from the model class (Qwen2.5-VL declares `accepts_loss_kwargs = False`, the
+        # others are read off their forward signature), but it must follow *our* loss: whether compute_loss
+        # normalises over the accumulated batch (num_items_in_batch). Left to the model, SFT on Qwen2.5-VL
+        # multiplied loss and gradients by the accumulation count.
+        ours = [vars(c)["model_accepts_loss_kwargs"] for c in type(self).__mro__
+                if issubclass(c, VLMTrainer) and "model_accepts_loss_kwargs" in vars(c)]
+        if ours:
+            self.model_accepts_loss_kwargs = ours[0]
 
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
