@@ -39,6 +39,8 @@ RENDERED = {
     "llava_clip": ("ASSISTANT:", " ", "</s>"),     # the template renders no </s>: vlmalign inserts it
     "llava_siglip": ("ASSISTANT:", " ", "</s>"),
     "gemma3": ("<start_of_turn>model\n", "", "<end_of_turn>"),
+    "qwen3_vl": ("<|im_start|>assistant\n", "", "<|im_end|>"),
+    "qwen3_vl_moe": ("<|im_start|>assistant\n", "", "<|im_end|>"),
 }
 
 

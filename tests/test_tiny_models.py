@@ -35,6 +35,9 @@ EXPECTED = {
     "llava_clip": ("LlavaForConditionalGeneration", "LlavaProcessor", "CLIPImageProcessorPil", 16),
     "llava_siglip": ("LlavaForConditionalGeneration", "LlavaProcessor", "SiglipImageProcessorPil", 16),
     "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor", "Gemma3ImageProcessorPil", 4),
+    # Qwen3-VL: upscaled to min_pixels 64 x 64, 32 px per token -> 2 x 2
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
 }
 
 # The real checkpoints' tokenizer facts (../shared/reference/official-templates-facts.md): BOS added by the
@@ -47,6 +50,8 @@ TOKENIZER_FACTS = {
     "llava_clip": (True, "left", "</s>", "<pad>", "llava_1_5"),
     "llava_siglip": (True, "left", "</s>", "<pad>", "llava_1_5"),
     "gemma3": (True, "left", "<eos>", "<pad>", "gemma3"),
+    "qwen3_vl": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_vl"),
+    "qwen3_vl_moe": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_vl"),
 }
 
 # Processor settings that must survive save -> load_processor (they fix the number of placeholder tokens).

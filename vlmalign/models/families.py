@@ -141,6 +141,14 @@ register(Family(
 ))
 
 
+# Qwen3-VL: the Qwen2-VL layout, with DeepStack mergers (intermediate vision features) beside the final merger.
+register(replace(FAMILIES["qwen2_vl"], name="qwen3_vl", model_types=("qwen3_vl",),
+                 vision_module_patterns=(r"(^|\.)visual\.(?!merger|deepstack_merger_list)",),
+                 projector_module_patterns=(r"(^|\.)visual\.(merger|deepstack_merger_list)\.",)))
+# Qwen3-VL-MoE (e.g. 30B-A3B): the same, with mixture-of-experts text layers.
+register(replace(FAMILIES["qwen3_vl"], name="qwen3_vl_moe", model_types=("qwen3_vl_moe",)))
+
+
 def family_names() -> list[str]:
     return list(FAMILIES)
 

@@ -124,6 +124,59 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
     return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
 
 
+def _qwen3(size: str, words, *, moe: bool) -> Built:
+    # Qwen/Qwen3-VL-2B-Instruct (and the -30B-A3B mixture of experts): ChatML without a default system prompt, no
+    # BOS, eos <|im_end|>, pad <|endoftext|>, padding side right; 16 px patches merged 2 x 2 (one token per 32 x 32
+    # px), interleaved 3-D rotary positions, DeepStack features of intermediate vision layers. Scaled: 64-128 px
+    # (4-16 image tokens) in `tiny`, 512 x 512 px (256 tokens) in `small`; MoE: 4 experts, 2 per token.
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = build_tokenizer(
+        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words,
+        chat_template=official_template("qwen3_vl"), padding_side="right",
+        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+    ids = tok.convert_tokens_to_ids
+    text = dict(_TEXT[size], head_dim=16 if size == "tiny" else 64)
+    if size == "tiny":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, deepstack_visual_indexes=[0],
+                      num_position_embeddings=64)
+        min_pixels, max_pixels, mrope = 64 * 64, 128 * 128, [4, 2, 2]
+    else:
+        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, deepstack_visual_indexes=[0],
+                      num_position_embeddings=1024)
+        min_pixels = max_pixels = 512 * 512
+        mrope = [16, 8, 8]
+    text_config = dict(
+        vocab_size=len(tok), **text, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": mrope,
+                         "mrope_interleaved": True},
+        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    if moe:
+        text_config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text["intermediate_size"] // 2,
+                           decoder_sparse_step=1, router_aux_loss_coef=0.001, mlp_only_layers=[])
+    vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                         out_hidden_size=text["hidden_size"], hidden_act="gelu_pytorch_tanh")
+    config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
+    config = config_cls(
+        text_config=text_config, vision_config=vision_config,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = image_only_processor_class(transformers.Qwen3VLProcessor)(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
+    return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
+
+
 # ------------------------------------------------------------------------------------------- shared text settings
 
 # tiny: ~0.12M text parameters besides the embeddings (0.2-0.3M in all with the vision tower); small: hidden 256,
@@ -299,6 +352,8 @@ BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
     "llava_clip": lambda size, words: _llava(size, words, siglip=False),
     "llava_siglip": lambda size, words: _llava(size, words, siglip=True),
     "gemma3": _gemma3,
+    "qwen3_vl": lambda size, words: _qwen3(size, words, moe=False),
+    "qwen3_vl_moe": lambda size, words: _qwen3(size, words, moe=True),
 }
 
 
