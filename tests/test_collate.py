@@ -4,8 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmalign.data.collate import (Encoder, PreferenceCollator, SequenceTooLongError, SFTCollator,
-                                   filter_by_length)
+from vlmalign.data.collate import Encoder, PreferenceCollator, SequenceTooLongError, SFTCollator
 from vlmalign.data.dataset import prepare_rows
 from vlmalign.data.formats import normalize_row
 from vlmalign.models.families import family_names, get_family
@@ -102,17 +101,16 @@ def test_preference_collator_labels_only_the_answers(tiny_model_dir):
 def test_length_policy_drops_or_raises_whole_rows(tiny_model_dir):
     _, encoder = _encoder(tiny_model_dir("qwen2_vl"))
     rows = _rows()
-    convs = [(r["messages"], r["images"]) for r in rows]
-    lengths = encoder.lengths([c for c, _ in convs], [i for _, i in convs])
+    lengths = encoder.lengths([r["messages"] for r in rows], [r["images"] for r in rows])
     limit = sorted(lengths)[1]  # the longest row does not fit
-    report = filter_by_length(convs, encoder, limit, "drop")
     longest = lengths.index(max(lengths))
-    assert longest in report.dropped and len(report.kept) == 2
+    raw = [{"messages": r["messages"], "images": r["images"]} for r in rows]
+    kept = prepare_rows(raw, "sft", encoder, max_length=limit)
+    assert longest not in kept.indices and len(kept) == 2
     with pytest.raises(SequenceTooLongError, match=f"row {longest}, column 'messages'"):
-        filter_by_length(convs, encoder, limit, "raise")
+        prepare_rows(raw, "sft", encoder, max_length=limit, truncation_policy="raise")
     # the kept rows are collated whole: every image keeps all of its tokens
-    kept = [rows[i] for i in report.kept]
-    batch = SFTCollator(encoder)(kept)
+    batch = SFTCollator(encoder)([kept[i] for i in range(len(kept))])
     assert batch["input_ids"].shape[1] <= limit
 
 

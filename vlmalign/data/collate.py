@@ -10,7 +10,7 @@ family needs. On top of that:
 * token-type ids rebuilt from the ids (Qwen's `mm_token_type_ids`, Gemma3's `token_type_ids`), so they line up with
   the placeholders whatever the processor's padding side or BOS handling;
 * lengths measured with the images expanded: a row longer than `max_length` is dropped or rejected as a whole
-  (see `LengthFilter`), never cut inside an image's tokens.
+  (`data.dataset.prepare_rows`), never cut inside an image's tokens.
 
 Rows reaching this module are already normalised by `vlmalign.data.formats` (messages with typed blocks + `images`).
 """
@@ -192,52 +192,5 @@ def append_completions(
 # ----------------------------------------------------------------------------------------------- length policy
 
 
-@dataclass
-class LengthReport:
-    kept: list[int]
-    dropped: dict[int, int] = field(default_factory=dict)  # row index -> length
-
-    def summary(self, max_length: int) -> str:
-        if not self.dropped:
-            return f"all {len(self.kept)} rows fit in max_length={max_length}"
-        sample = ", ".join(f"row {i} ({n} tokens)" for i, n in list(self.dropped.items())[:10])
-        return (f"dropped {len(self.dropped)} of {len(self.kept) + len(self.dropped)} rows longer than "
-                f"max_length={max_length} with their image tokens: {sample}"
-                + (" ..." if len(self.dropped) > 10 else ""))
-
-
 class SequenceTooLongError(ValueError):
     pass
-
-
-def filter_by_length(
-    rows_conversations: list[tuple[list[dict], list]],
-    encoder: Encoder,
-    max_length: int | None,
-    policy: str = "drop",
-    *,
-    batch_size: int = 64,
-    add_generation_prompt: bool = False,
-    column: str = "messages",
-    row_ids: list[int] | None = None,
-) -> LengthReport:
-    """Measure every row (images expanded) and keep those that fit. `policy="drop"` drops and counts the others;
-    `"raise"` raises naming every row that does not fit. Rows are never truncated: truncation could cut through
-    an image's tokens and make the forward fail ("Image features and image tokens do not match")."""
-    if policy not in ("drop", "raise"):
-        raise ValueError(f"truncation policy must be 'drop' or 'raise', got {policy!r}")
-    n = len(rows_conversations)
-    if max_length is None:
-        return LengthReport(kept=list(range(n)))
-    report = LengthReport(kept=[])
-    for start in range(0, n, batch_size):
-        chunk = rows_conversations[start:start + batch_size]
-        lengths = encoder.lengths([c for c, _ in chunk], [im for _, im in chunk], add_generation_prompt=add_generation_prompt)
-        for offset, length in enumerate(lengths):
-            (report.kept.append(start + offset) if length <= max_length else report.dropped.__setitem__(start + offset, length))
-    if report.dropped and policy == "raise":
-        name = (lambda j: row_ids[j]) if row_ids is not None else (lambda j: j)
-        lines = [f"row {name(i)}, column '{column}': {length} tokens with its images > max_length={max_length}"
-                 for i, length in list(report.dropped.items())[:50]]
-        raise SequenceTooLongError("rows too long (rows are never cut inside images):\n  " + "\n  ".join(lines))
-    return report
