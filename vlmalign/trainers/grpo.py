@@ -253,7 +253,9 @@ class GRPOTrainer(VLMTrainer):
         # rewards and advantages over the whole generation batch (all processes), then this process's slice
         local_ids = [c[m.bool()].tolist() for c, m in zip(ids.cpu(), mask.cpu())]
         all_rows, all_texts, all_ids = gather_object(rows), gather_object(rollout.texts), gather_object(local_ids)
-        columns = {k: [r.get(k) for r in all_rows] for k in all_rows[0] if k != "prompt"}
+        # every column of every row (rows may be plain dicts with differing keys): missing values are None
+        names = dict.fromkeys(k for r in all_rows for k in r if k != "prompt")
+        columns = {k: [r.get(k) for r in all_rows] for k in names}
         per_func, total = compute_rewards(self.reward_funcs, [r["prompt"] for r in all_rows], all_texts, all_ids,
                                           columns, args.reward_weights)
         advantages, group_stats = group_advantages(total, args.num_generations, args.scale_rewards)
