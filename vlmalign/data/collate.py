@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.families import Family
+from .formats import PROMPT_ASSISTANT_TURNS
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ class SFTCollator:
     encoder: Encoder
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return self.encoder.encode([r["messages"] for r in rows], [r["images"] for r in rows])
+        # prompt/completion rows: the prompt's own assistant turns are context, not targets
+        skip = [r.get(PROMPT_ASSISTANT_TURNS, 0) for r in rows]
+        return self.encoder.encode([r["messages"] for r in rows], [r["images"] for r in rows],
+                                   skip_assistant_turns=skip if any(skip) else None)
 
 
 @dataclass

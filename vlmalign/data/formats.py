@@ -34,18 +34,30 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
+
+from ..models.families import FAMILIES
 
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 IMAGE_COLUMNS = ("images", "image")
 MAX_LISTED_ERRORS = 50
+# Normalised prompt/completion SFT rows: how many leading assistant turns (those of the prompt) get no labels.
+PROMPT_ASSISTANT_TURNS = "_prompt_assistant_turns"
+# Longest side / shortest side above which image processors fail (Qwen2-VL's smart_resize refuses > 200) or squash
+# the image to a strip of patches.
+MAX_ASPECT_RATIO = 200
+# Text that a processor or tokenizer turns into vision tokens: typed in a message it would desynchronise the
+# placeholder count ("Found total 4 tokens and 3 images"). Every family's vision tokens, from models/families.py.
+VISION_TEXT_TOKENS = tuple(sorted({t for f in FAMILIES.values() for t in (f.image_token, *f.vision_special_tokens)},
+                                  key=lambda t: (-len(t), t)))
 PROGRESS_BAR_MIN_ROWS = 2000
 
 
@@ -118,15 +130,25 @@ def _load_rgb(obj: Any, max_image_pixels: int | None) -> tuple[Image.Image, bool
     limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     image = _open_lazily(obj)
     width, height = image.size  # read from the header; no pixels decoded yet
+    problem = None
     if limit is not None and width * height > limit:
+        problem = (f"image is {width}x{height} = {width * height:,} pixels, above max_image_pixels={limit:,} "
+                   "(decompression-bomb guard)")
+    elif min(width, height) < 1:
+        problem = f"image is {width}x{height}: empty"
+    elif max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        problem = (f"image is {width}x{height}, aspect ratio {max(width, height) / min(width, height):.0f}:1, above "
+                   f"{MAX_ASPECT_RATIO}:1 (image processors reject it or squash it to a strip); crop or pad it")
+    if problem is not None:
         if image is not obj:
             image.close()
-        raise ValueError(f"image is {width}x{height} = {width * height:,} pixels, above max_image_pixels="
-                         f"{limit:,} (decompression-bomb guard)")
+        raise ValueError(problem)
     try:
         image.load()
     except Exception as e:
         raise ValueError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})") from e
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: every source (path, bytes, PIL, datasets) alike
+        image = ImageOps.exif_transpose(image)
     try:
         return _to_rgb(image)
     except Exception as e:
@@ -167,8 +189,10 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"), True
-    if mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit (or 32-bit) gray: scaled to 8 bits, not clipped
+        image = image if mode in ("I", "F") else image.convert("I")
+        scale = 1 / 256 if image.getextrema()[1] > 255 else 1
+        image = image.point(lambda v: v * scale).convert("L")
     return image.convert("RGB"), True
 
 
@@ -205,7 +229,28 @@ def _parse_message(message: Any, column: str, i: int) -> dict:
         blocks = [_parse_block(block, column, f"{where} block {j}") for j, block in enumerate(content)]
     else:
         raise _Bad(column, f"{where} content must be a string or a list of blocks, got {type(content).__name__}")
+    for j, block in enumerate(blocks):
+        if block["type"] == "text":
+            _check_text(block["text"], column, where if isinstance(content, str) else f"{where} block {j}")
     return {"role": role, "content": blocks}
+
+
+def _check_text(text: str, column: str, where: str) -> None:
+    """Text the tokenizer would fail on or turn into vision tokens: lone surrogates, typed image placeholders."""
+    if (bad := _SURROGATE.search(text)) is not None:
+        raise _Bad(column, f"{where} text has a lone surrogate character U+{ord(bad.group(0)):04X} at position "
+                           f"{bad.start()} (not valid Unicode, often a broken JSON escape); fix or remove it")
+    for token in VISION_TEXT_TOKENS:
+        if token in text:
+            raise _Bad(column, f"{where} text contains the image placeholder {token!r}; images are given as "
+                               "{'type': 'image'} blocks (or the images column), not typed into the text")
+    if (match := _ROW_COL_TOKEN.search(text)) is not None:
+        raise _Bad(column, f"{where} text contains the image token {match.group(0)!r}; images are given as "
+                           "{'type': 'image'} blocks, not typed into the text")
+
+
+_ROW_COL_TOKEN = re.compile(r"<row_\d+_col_\d+>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _parse_block(block: Any, column: str, where: str) -> dict:
@@ -278,7 +323,10 @@ def _sft(row: Mapping) -> tuple[list[tuple[str, list[dict]]], dict]:
     messages = [m for _, section in sections for m in section]
     if not any(m["role"] == "assistant" for m in messages):
         raise _Bad(sections[0][0], "has no assistant turn (nothing to train on)")
-    return sections, {"messages": messages}
+    out = {"messages": messages}
+    if column is None:  # prompt + completion: only the completion is trained, as in TRL
+        out[PROMPT_ASSISTANT_TURNS] = sum(m["role"] == "assistant" for m in sections[0][1])
+    return sections, out
 
 
 def _preference(row: Mapping) -> tuple[list[tuple[str, list[dict]]], dict]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, rotate_checkpoints, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
@@ -31,6 +31,8 @@ from ..models.families import Family, get_family
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
 from . import checkpoint as ckpt
+from . import run_dir as runs
+from .config_check import check_field_types
 from .guards import POLICIES, NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ class BaseConfig(TrainingArguments):
     nonfinite_policy: str = field(default="raise", metadata={"help": "On a non-finite loss or gradient: 'raise' "
                                   "(stop, naming the step; weights untouched) or 'skip' (drop that optimizer step, "
                                   "count it in the metric nonfinite_skipped)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that "
+                                       "holds another run's checkpoints (they are moved to previous-runs/, never "
+                                       "deleted). Without it such a start is refused."})
     checkpoint_fsync: bool = field(default=True, metadata={"help": "fsync checkpoint files before the atomic "
                                    "rename (survives power loss, not only a killed process)."})
     # Defaults that differ from TrainingArguments
@@ -70,6 +75,7 @@ class BaseConfig(TrainingArguments):
         if isinstance(self.model_init_kwargs, str):
             import json
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        check_field_types(self)  # a wrong type stops here, naming the field, not deep inside training
         if self.truncation_policy not in ("drop", "raise"):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
@@ -121,6 +127,10 @@ def prepare_model(model, args: BaseConfig, peft_config=None) -> tuple[torch.nn.M
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, peft_config)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (every parameter is frozen): nothing would be "
+                         "trained. Check freeze_vision_tower / freeze_projector, or a PEFT model loaded without "
+                         "is_trainable=True")
     return model, family
 
 
@@ -243,20 +253,71 @@ class VLMTrainer(MetricsMixin, Trainer):
         if (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last")
                 and not os.path.exists(resume_from_checkpoint)):
             resume_from_checkpoint = True
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        self._run_lock = None
+        self.run_id = None
+        try:
+            resume_from_checkpoint = self._claim_output_dir(resume_from_checkpoint)
+            self._guard.reset()
+            self._guard.skipped = 0
+            self._guard_checked, self._guard_verdict = False, None
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            if self.args.should_save:
+                runs.release_lock(self._run_lock, self.run_id)
+
+    def _claim_output_dir(self, resume_from_checkpoint):
+        """Lock the output folder, pick and check the checkpoint to resume from, and fix this run's identity
+        (run_dir.py). Decided on the main process; every process raises the same error."""
+        error, resolved, run_id = None, resume_from_checkpoint, None
         if self.args.should_save:
-            ckpt.remove_stale_staging(self.args.output_dir, " at the start of training")
+            try:
+                out = self.args.output_dir
+                self._run_lock = runs.acquire_lock(out, "pending")
+                ckpt.remove_stale_staging(out, " at the start of training")
+                resolved, run_id = self._resolve_resume(resume_from_checkpoint)
+                runs.update_lock(self._run_lock, run_id)
+            except (runs.OutputDirInUseError, ckpt.CheckpointMismatchError, ValueError) as e:
+                if self._run_lock is not None:
+                    runs.release_lock(self._run_lock, "pending")
+                    self._run_lock = None
+                error = e
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            shared = [None if error is None else (type(error), str(error)), resolved, run_id]
+            broadcast_object_list(shared)
+            error = error if error is not None or shared[0] is None else shared[0][0](shared[0][1])
+            resolved, run_id = shared[1], shared[2]
         self.accelerator.wait_for_everyone()
+        if error is not None:
+            raise error
+        self.run_id = run_id
+        return resolved
+
+    def _resolve_resume(self, resume_from_checkpoint) -> tuple[str | None, str]:
+        """(checkpoint to resume from or None, run id). `True`: the newest checkpoint that passes
+        `ckpt.checkpoint_problem` (newer broken ones skipped with a warning naming the file); a path: that
+        checkpoint, which must pass. Either way the checkpoint must be of this model (`ckpt.check_same_model`)."""
+        need_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        out = self.args.output_dir
         if resume_from_checkpoint is True:
-            last = ckpt.last_complete_checkpoint(self.args.output_dir)
+            last = ckpt.last_resumable_checkpoint(out, need_optimizer=need_optimizer)
             if last is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise ValueError(f"No valid checkpoint found in output directory ({out})")
             logger.info("Resuming from the last complete checkpoint, %s", last)
             resume_from_checkpoint = last
-        self._guard.reset()
-        self._guard.skipped = 0
-        self._guard_checked, self._guard_verdict = False, None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        elif resume_from_checkpoint is not None:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder")
+            problem = ckpt.checkpoint_problem(resume_from_checkpoint, need_optimizer=need_optimizer)
+            if problem is not None:
+                raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+        if resume_from_checkpoint is not None:
+            ckpt.check_same_model(resume_from_checkpoint, unwrap_model(self.model).config)
+        run_id = runs.start_run(out, resume_from_checkpoint, getattr(self.args, "overwrite_output_dir", False))
+        return resume_from_checkpoint, run_id
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -326,7 +387,7 @@ class VLMTrainer(MetricsMixin, Trainer):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def _resumable_state(self) -> dict:
-        state = {"nonfinite_skipped": self._guard.skipped}
+        state = {"nonfinite_skipped": self._guard.skipped, "run_id": getattr(self, "run_id", None)}
         state.update({name: getattr(self, name) for name in self._resumable_attrs if hasattr(self, name)})
         return state
 
@@ -347,6 +408,7 @@ class VLMTrainer(MetricsMixin, Trainer):
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
             self._guard.skipped = int(state.pop("nonfinite_skipped", 0))
+            state.pop("run_id", None)
             for name, value in state.items():
                 if name in self._resumable_attrs:
                     setattr(self, name, value)
@@ -425,8 +487,9 @@ class VLMTrainer(MetricsMixin, Trainer):
                 shutil.rmtree(root, ignore_errors=True)
             # Trainer rotated inside the staging directory (a no-op there): rotate the real one, after the new
             # checkpoint is complete.
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if getattr(self, "run_id", None) is not None:  # only this run's checkpoints are ever deleted
+                runs.rotate_own_checkpoints(run_dir, self.args.save_total_limit, self.run_id,
+                                               self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # the checkpoint is published before anyone goes on
         if self._ckpt_push_pending:
             self._ckpt_push_pending = False

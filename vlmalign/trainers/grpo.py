@@ -106,6 +106,17 @@ class GRPOConfig(BaseConfig):
                                     IMPORTANCE_SAMPLING_LEVELS)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        for name, value, ok, rule in (
+                ("beta", self.beta, self.beta >= 0, ">= 0"), ("epsilon", self.epsilon, self.epsilon > 0, "> 0"),
+                ("epsilon_high", self.epsilon_high, self.epsilon_high is None or self.epsilon_high > 0, "> 0"),
+                ("delta", self.delta, self.delta is None or self.delta > 0, "> 0"),
+                ("max_completion_length", self.max_completion_length, self.max_completion_length >= 1, ">= 1"),
+                ("temperature", self.temperature, self.temperature > 0, "> 0 (sampling needs it; greedy "
+                 "decoding would give every completion of a group the same reward)"),
+                ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k, self.top_k >= 0, ">= 0"),
+                ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {value}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (group statistics), got {self.num_generations}")
         if self.num_iterations < 1:
