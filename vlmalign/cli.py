@@ -36,7 +36,8 @@ class ScriptArguments:
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation dataset (same forms)."})
     eval_split: str = field(default="test", metadata={"help": "Split of the evaluation dataset."})
     reward_funcs: list[str] = field(default_factory=lambda: ["format", "accuracy"], metadata={
-        "help": "GRPO rewards: built-in names (format, think_format, accuracy) or module:function (runs that code)."})
+        "help": "GRPO rewards: built-in names (format, think_format, accuracy) or module:function (imports and runs "
+                "that code; needs --trust_reward_code true)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all parameters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -217,13 +218,15 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--n", type=int, default=None, help="evaluate only the first n rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON summary here (default: stdout)")
+    p.add_argument("--trust-reward-code", action="store_true", help="allow --reward module:function (runs that code)")
     a = p.parse_args(argv)
     dataset = load_dataset_any(a.dataset, a.split)
     if a.n is not None:
         dataset = dataset.select(range(min(a.n, len(dataset))))
     model, processor = load_model(a.model), load_processor(a.model)
     result = evaluate(model, processor, dataset, rewards=a.reward or ["accuracy"], samples=a.samples,
-                      temperature=a.temperature, max_new_tokens=a.max_new_tokens, progress=True, seed=a.seed)
+                      temperature=a.temperature, max_new_tokens=a.max_new_tokens, progress=True, seed=a.seed,
+                      trust_reward_code=a.trust_reward_code)
     text = json.dumps({"model": a.model, "dataset": a.dataset, **result.to_dict()}, indent=2)
     if a.out:
         with open(a.out, "w") as f:
@@ -249,10 +252,12 @@ def make_preferences_command(argv: list[str]) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--trust-reward-code", action="store_true", help="allow --reward module:function (runs that code)")
     a = p.parse_args(argv)
     model, processor = load_model(a.model), load_processor(a.model)
     pairs = make_preferences(model, processor, load_dataset_any(a.dataset, a.split), reward=a.reward,
-                             samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed)
+                             samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                             trust_reward_code=a.trust_reward_code)
     save_dataset(pairs, a.out)
     print(f"wrote {len(pairs)} preference pairs to {a.out}")
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .collate import Encoder, filter_by_length
+from .collate import Encoder, SequenceTooLongError, filter_by_length
 from .formats import normalize_row, validate_dataset
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def prepare_rows(
         return None
     if isinstance(dataset, RowDataset):
         return dataset
-    report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise")
+    report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise", name=name)
     if report.num_converted_images:
         logger.info("%s: %d non-RGB images converted to RGB", name, report.num_converted_images)
     rows = RowDataset(dataset, kind, report.valid_indices, max_image_pixels=max_image_pixels)
@@ -68,10 +68,17 @@ def prepare_rows(
             seqs.append((conv, images))
             owners.append(rows.indices[i])
     add_gen = kind == "prompt"
-    length_report = filter_by_length(seqs, encoder, max_length, truncation_policy, column=column,
-                                     add_generation_prompt=add_gen, row_ids=owners)
+    try:
+        length_report = filter_by_length(seqs, encoder, max_length, truncation_policy, column=column,
+                                         add_generation_prompt=add_gen, row_ids=owners)
+    except SequenceTooLongError as error:
+        raise SequenceTooLongError(f"{name}: {error}") from None
     too_long = {owners[j] for j in length_report.dropped}
     if too_long:
         logger.warning("%s: dropped %d rows longer than max_length=%d (rows are never cut inside images): %s",
                        name, len(too_long), max_length, sorted(too_long)[:20])
-    return RowDataset(dataset, kind, [i for i in rows.indices if i not in too_long], max_image_pixels=max_image_pixels)
+    kept = [i for i in rows.indices if i not in too_long]
+    if not kept:
+        raise SequenceTooLongError(f"{name}: every row is longer than max_length={max_length} with its images "
+                                   f"(rows are never cut inside images); raise max_length")
+    return RowDataset(dataset, kind, kept, max_image_pixels=max_image_pixels)

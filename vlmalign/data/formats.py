@@ -76,14 +76,15 @@ class RowError(ValueError):
 class DataValidationError(ValueError):
     """Every bad row of a dataset (``.errors``), listed in the message up to MAX_LISTED_ERRORS lines."""
 
-    def __init__(self, errors: list[RowError], num_rows: int | None = None):
-        self.errors, self.num_rows = list(errors), num_rows
+    def __init__(self, errors: list[RowError], num_rows: int | None = None, dataset: str | None = None):
+        self.errors, self.num_rows, self.dataset = list(errors), num_rows, dataset
         in_rows = "" if num_rows is None else f" in {_plural(num_rows, 'row')}"
-        super().__init__(f"data validation failed, {_plural(len(self.errors), 'error')}{in_rows}:\n"
+        of = "" if dataset is None else f" of {dataset}"
+        super().__init__(f"data validation{of} failed, {_plural(len(self.errors), 'error')}{in_rows}:\n"
                          f"{_format_errors(self.errors)}")
 
     def __reduce__(self):
-        return type(self), (self.errors, self.num_rows)
+        return type(self), (self.errors, self.num_rows, self.dataset)
 
 
 @dataclass
@@ -500,7 +501,7 @@ def _raw_rows(dataset, chunk: int = 1000):
 
 
 def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
-                     on_error: str = "raise") -> ValidationReport:
+                     on_error: str = "raise", name: str | None = None) -> ValidationReport:
     """Check the required columns once, then normalise EVERY row (loading every image) and collect all errors.
 
     on_error="raise" raises DataValidationError listing every bad row; "drop" returns the report, whose
@@ -511,11 +512,13 @@ def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if on_error not in ("raise", "drop"):
         raise ValueError(f"on_error must be 'raise' or 'drop', got {on_error!r}")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise DataValidationError([RowError(None, None, "the dataset is empty (0 rows)")], 0, dataset=name)
     columns = _column_names(dataset)
     if columns is not None and (missing := _missing_columns(columns, kind)):
         present = ", ".join(map(repr, columns)) or "none"
         raise DataValidationError([RowError(None, c, f"missing required column for kind {kind!r} (columns present: "
-                                                     f"{present})") for c in missing])
+                                                     f"{present})") for c in missing], dataset=name)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     report = ValidationReport(kind=kind)
     progress = tqdm(_raw_rows(dataset), total=total, desc=f"validating {kind} rows", unit="row",
@@ -533,5 +536,5 @@ def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
         report.valid_indices.append(index)
         report.num_converted_images += converted
     if report.errors and on_error == "raise":
-        raise DataValidationError(report.errors, report.num_rows)
+        raise DataValidationError(report.errors, report.num_rows, dataset=name)
     return report

@@ -11,6 +11,7 @@ Reliability (docs/reliability.md), for every trainer through `VLMTrainer`:
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -38,6 +39,8 @@ from .guards import POLICIES, NonFiniteError, NonFiniteGuard
 logger = logging.getLogger(__name__)
 
 VLMALIGN_STATE_NAME = "vlmalign_state.json"
+TRAINING_ARGS_NAME = "training_args.bin"   # what Trainer writes (a pickle); replaced by:
+TRAINING_ARGS_JSON = "training_args.json"
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
@@ -237,6 +240,13 @@ class VLMTrainer(MetricsMixin, Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        # Trainer pickles the whole TrainingArguments object as training_args.bin: keep a JSON copy instead, so no
+        # pickle file is left in any output folder.
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
         save_processor(self.processing_class, output_dir)
         stale = [name for name in PICKLE_WEIGHT_FILES if os.path.exists(os.path.join(output_dir, name))]
         if stale:  # transformers 5 writes safetensors only: these come from an earlier run in the same directory
@@ -469,9 +479,14 @@ class VLMTrainer(MetricsMixin, Trainer):
         try:
             save()
             self.accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
-        except BaseException:
+        except BaseException as error:
             if self.args.should_save:
                 shutil.rmtree(root, ignore_errors=True)
+            if ckpt.is_disk_full(error, run_dir):
+                raise OSError(errno.ENOSPC, f"No space left on the disk of {run_dir} while writing checkpoint {name} "
+                              f"({type(error).__name__}: {error}). The partial checkpoint was removed; the earlier "
+                              f"checkpoints are intact. Free space (or lower save_total_limit) and resume with "
+                              f"resume_from_checkpoint=True.") from error
             raise
         finally:
             self._ckpt_staging = None

@@ -183,6 +183,25 @@ def load_converted_weights(model, checkpoint_dir: str | os.PathLike) -> None:
     del loaded
 
 
+def is_disk_full(error: BaseException, folder: str, min_free_bytes: int = 64 * 2**20) -> bool:
+    """Whether a failed save was (most likely) a full disk: ENOSPC / EDQUOT anywhere in the exception chain, or
+    torch's "file write failed" with less than `min_free_bytes` left on `folder`'s disk."""
+    import errno
+
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        current = current.__cause__ or current.__context__
+    if "write" in str(error).lower():
+        try:
+            return shutil.disk_usage(folder).free < min_free_bytes
+        except OSError:
+            return False
+    return False
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checking a checkpoint before resuming from it
 # ---------------------------------------------------------------------------------------------------------------
