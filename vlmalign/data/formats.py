@@ -205,6 +205,7 @@ def _parse_messages(value: Any, column: str, default_role: str) -> list[dict]:
     if value is None:
         raise _Bad(column, "is None; expected a string or a list of messages")
     if isinstance(value, str):
+        _check_text(value, column, f"message 0 ({default_role})")
         return [{"role": default_role, "content": [{"type": "text", "text": value}]}]
     if not isinstance(value, (list, tuple)):
         raise _Bad(column, f"expected a string or a list of messages, got {type(value).__name__}")
