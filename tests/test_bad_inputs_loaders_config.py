@@ -100,7 +100,7 @@ def test_loader_empty_file(tmp_path):
 
 def test_loader_missing_image_file_names_row_and_column(tmp_path, png):
     rows = [{"prompt": "a", "images": [png]}, {"prompt": "b", "images": ["gone.png"]}]
-    with pytest.raises(ValueError, match=r"row 1, column 'images': image file not found: .*gone.png"):
+    with pytest.raises(FileNotFoundError, match=r"row 1, column 'images': image file not found: .*gone.png"):
         load_dataset_any(str(_write_jsonl(tmp_path / "d.jsonl", rows)))
 
 

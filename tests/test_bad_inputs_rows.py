@@ -213,3 +213,26 @@ def test_no_pickle_training_args_written(tiny_model_dir, tmp_path):
         files = os.listdir(folder)
         assert "training_args.bin" not in files and "training_args.json" in files, files
         assert json.loads((folder / "training_args.json").read_text())["max_steps"] == 1
+
+
+def test_grpo_rewards_get_every_rows_columns_and_cannot_edit_the_rows(tiny_model_dir, tmp_path):
+    from vlmalign import GRPOConfig, GRPOTrainer
+
+    images = [Image.new("RGB", (28, 28), c) for c in ("red", "blue")]
+    rows = [{"prompt": "what color ?", "images": [images[0]]},                      # no 'solution' in row 0
+            {"prompt": "what color ?", "images": [images[1]], "solution": "blue"}]
+    seen = []
+
+    def recording_reward(completions, solution, images, **kwargs):
+        seen.extend(solution)
+        for row_images in images:
+            row_images[0].paste((0, 255, 0), (0, 0, 28, 28))  # an in-place edit of its copy
+        return [1.0] * len(completions)
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1,
+                      max_completion_length=3, shuffle_dataset=False, save_strategy="no", report_to="none",
+                      disable_tqdm=True)
+    GRPOTrainer(model=str(tiny_model_dir("qwen2_vl")), reward_funcs=[recording_reward], args=args,
+                train_dataset=rows).train()
+    assert sorted(seen, key=str) == [None, None, "blue", "blue"]
+    assert images[0].getpixel((0, 0)) == (255, 0, 0) and images[1].getpixel((0, 0)) == (0, 0, 255)

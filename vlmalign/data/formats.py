@@ -25,8 +25,10 @@ Errors name the row, the column and the problem: missing columns, None values, u
 answer text, non-string text, chosen identical to rejected (a pair with no preference is almost always a data bug),
 placeholder/image count mismatch, missing image files, unreadable or truncated images (each is fully decoded),
 images above ``max_image_pixels`` (default ``PIL.Image.MAX_IMAGE_PIXELS``, read from the header before decoding; PIL
-itself refuses more than twice its own limit), prompts not ending with a user turn, assistant turns in RL prompts.
-Non-RGB images are converted to RGB (transparency composited on white) and counted. A row reports its first problem;
+itself refuses more than twice its own limit), aspect ratios above ``MAX_ASPECT_RATIO``, image-placeholder text of any
+family typed into a message (``VISION_TEXT_TOKENS``), lone surrogate characters, prompts not ending with a user turn,
+assistant turns in RL prompts. Non-RGB images are converted to RGB (transparency composited on white, 16/32-bit gray
+scaled to 8 bits) and counted; the EXIF orientation is applied whatever the image's source. A row reports its first problem;
 `validate_dataset` reports every bad row.
 """
 

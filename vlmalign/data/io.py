@@ -321,7 +321,7 @@ def _dataset_from_rows(rows: list[dict], base_dir: Path, source: Path | None = N
                 else:
                     row[name] = _image_value(value, base_dir)
             except (FileNotFoundError, TypeError) as error:
-                raise ValueError(f"{source}: row {index}, column {name!r}: {error}") from None
+                raise type(error)(f"{source}: row {index}, column {name!r}: {error}") from None
     _typed_content(rows, names)
     _check_column_types(rows, [n for n in names if n not in present], source)
     features = datasets.Features.from_arrow_schema(pa.Table.from_pylist(rows).schema)

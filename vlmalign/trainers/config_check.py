@@ -13,6 +13,7 @@ enums, lists, dicts) are left to their own checks:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 
@@ -55,14 +56,14 @@ def check_field_types(config) -> None:
             if not isinstance(value, bool):
                 raise TypeError(f"{f.name} must be true or false, got {name} {value!r}")
         elif kind is int:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{f.name} must be an integer, got {name} {value!r}")
-            if isinstance(value, float):
-                if not value.is_integer():
+            if not isinstance(value, int):  # numpy integers, integral floats: converted; 2.5: refused
+                if not float(value).is_integer():
                     raise ValueError(f"{f.name} must be an integer, got {value!r}")
                 setattr(config, f.name, int(value))
         elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 hint = " (in YAML write a number with a dot, e.g. 3.0e-3: 3e-3 is read as a string)" if isinstance(
                     value, str) else ""
                 raise TypeError(f"{f.name} must be a number, got {name} {value!r}{hint}")
