@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from ..models.families import FAMILIES
+from .checks import MAX_ASPECT_RATIO, VISION_TEXT_TOKENS, image_shape_problem, text_problem  # noqa: F401
 
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
@@ -53,13 +52,6 @@ IMAGE_COLUMNS = ("images", "image")
 MAX_LISTED_ERRORS = 50
 # Normalised prompt/completion SFT rows: how many leading assistant turns (those of the prompt) get no labels.
 PROMPT_ASSISTANT_TURNS = "_prompt_assistant_turns"
-# Longest side / shortest side above which image processors fail (Qwen2-VL's smart_resize refuses > 200) or squash
-# the image to a strip of patches.
-MAX_ASPECT_RATIO = 200
-# Text that a processor or tokenizer turns into vision tokens: typed in a message it would desynchronise the
-# placeholder count ("Found total 4 tokens and 3 images"). Every family's vision tokens, from models/families.py.
-VISION_TEXT_TOKENS = tuple(sorted({t for f in FAMILIES.values() for t in (f.image_token, *f.vision_special_tokens)},
-                                  key=lambda t: (-len(t), t)))
 PROGRESS_BAR_MIN_ROWS = 2000
 
 
@@ -133,15 +125,7 @@ def _load_rgb(obj: Any, max_image_pixels: int | None) -> tuple[Image.Image, bool
     limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     image = _open_lazily(obj)
     width, height = image.size  # read from the header; no pixels decoded yet
-    problem = None
-    if limit is not None and width * height > limit:
-        problem = (f"image is {width}x{height} = {width * height:,} pixels, above max_image_pixels={limit:,} "
-                   "(decompression-bomb guard)")
-    elif min(width, height) < 1:
-        problem = f"image is {width}x{height}: empty"
-    elif max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-        problem = (f"image is {width}x{height}, aspect ratio {max(width, height) / min(width, height):.0f}:1, above "
-                   f"{MAX_ASPECT_RATIO}:1 (image processors reject it or squash it to a strip); crop or pad it")
+    problem = image_shape_problem(width, height, limit)
     if problem is not None:
         if image is not obj:
             image.close()
@@ -240,21 +224,9 @@ def _parse_message(message: Any, column: str, i: int) -> dict:
 
 
 def _check_text(text: str, column: str, where: str) -> None:
-    """Text the tokenizer would fail on or turn into vision tokens: lone surrogates, typed image placeholders."""
-    if (bad := _SURROGATE.search(text)) is not None:
-        raise _Bad(column, f"{where} text has a lone surrogate character U+{ord(bad.group(0)):04X} at position "
-                           f"{bad.start()} (not valid Unicode, often a broken JSON escape); fix or remove it")
-    for token in VISION_TEXT_TOKENS:
-        if token in text:
-            raise _Bad(column, f"{where} text contains the image placeholder {token!r}; images are given as "
-                               "{'type': 'image'} blocks (or the images column), not typed into the text")
-    if (match := _ROW_COL_TOKEN.search(text)) is not None:
-        raise _Bad(column, f"{where} text contains the image token {match.group(0)!r}; images are given as "
-                           "{'type': 'image'} blocks, not typed into the text")
-
-
-_ROW_COL_TOKEN = re.compile(r"<row_\d+_col_\d+>")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+    problem = text_problem(text)
+    if problem is not None:
+        raise _Bad(column, f"{where} text {problem}")
 
 
 def _parse_block(block: Any, column: str, where: str) -> dict:

@@ -256,8 +256,9 @@ class VLMTrainer(MetricsMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
-        """`Trainer.train`, with staging directories of interrupted saves removed first, and
-        ``resume_from_checkpoint=True`` resolved to the last *complete* ``checkpoint-N`` of ``output_dir`` (also
+        """`Trainer.train`, holding the output folder's lock (run_dir.py: one run per folder; another run's
+        checkpoints are neither reused nor deleted), with staging directories of interrupted saves removed first, and
+        ``resume_from_checkpoint=True`` resolved to the last checkpoint that passes `ckpt.checkpoint_problem` (also
         the strings "true" / "last", as the CLI's ``--resume_from_checkpoint`` passes them, unless such a path
         exists)."""
         if (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last")
@@ -287,7 +288,10 @@ class VLMTrainer(MetricsMixin, Trainer):
                 out = self.args.output_dir
                 self._run_lock = runs.acquire_lock(out, "pending")
                 ckpt.remove_stale_staging(out, " at the start of training")
-                resolved, run_id = self._resolve_resume(resume_from_checkpoint)
+                need_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+                resolved, run_id = runs.resolve_resume(
+                    out, resume_from_checkpoint, unwrap_model(self.model).config, need_optimizer=need_optimizer,
+                    overwrite=getattr(self.args, "overwrite_output_dir", False))
                 runs.update_lock(self._run_lock, run_id)
             except (runs.OutputDirInUseError, ckpt.CheckpointMismatchError, ValueError) as e:
                 if self._run_lock is not None:
@@ -305,29 +309,6 @@ class VLMTrainer(MetricsMixin, Trainer):
             raise error
         self.run_id = run_id
         return resolved
-
-    def _resolve_resume(self, resume_from_checkpoint) -> tuple[str | None, str]:
-        """(checkpoint to resume from or None, run id). `True`: the newest checkpoint that passes
-        `ckpt.checkpoint_problem` (newer broken ones skipped with a warning naming the file); a path: that
-        checkpoint, which must pass. Either way the checkpoint must be of this model (`ckpt.check_same_model`)."""
-        need_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
-        out = self.args.output_dir
-        if resume_from_checkpoint is True:
-            last = ckpt.last_resumable_checkpoint(out, need_optimizer=need_optimizer)
-            if last is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({out})")
-            logger.info("Resuming from the last complete checkpoint, %s", last)
-            resume_from_checkpoint = last
-        elif resume_from_checkpoint is not None:
-            if not os.path.isdir(resume_from_checkpoint):
-                raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder")
-            problem = ckpt.checkpoint_problem(resume_from_checkpoint, need_optimizer=need_optimizer)
-            if problem is not None:
-                raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
-        if resume_from_checkpoint is not None:
-            ckpt.check_same_model(resume_from_checkpoint, unwrap_model(self.model).config)
-        run_id = runs.start_run(out, resume_from_checkpoint, getattr(self.args, "overwrite_output_dir", False))
-        return resume_from_checkpoint, run_id
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

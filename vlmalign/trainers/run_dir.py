@@ -24,6 +24,8 @@ import socket
 import time
 import uuid
 
+from . import checkpoint as ckpt
+
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".vlmalign.lock"
@@ -174,3 +176,26 @@ def rotate_own_checkpoints(output_dir: str, save_total_limit: int | None, run_id
         logger.info("Deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def resolve_resume(output_dir: str, resume_from_checkpoint, model_config, *, need_optimizer: bool = True,
+                   overwrite: bool = False) -> tuple[str | None, str]:
+    """(checkpoint to resume from or None, run id), on the main process, under the lock. `True`: the newest
+    checkpoint that passes `checkpoint.checkpoint_problem` (newer broken ones skipped with a warning naming the
+    file); a path: that checkpoint, which must pass. Either way the checkpoint must be of this model
+    (`checkpoint.check_same_model`). Then `start_run`."""
+    if resume_from_checkpoint is True:
+        last = ckpt.last_resumable_checkpoint(output_dir, need_optimizer=need_optimizer)
+        if last is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+        logger.info("Resuming from the last complete checkpoint, %s", last)
+        resume_from_checkpoint = last
+    elif resume_from_checkpoint is not None:
+        if not os.path.isdir(resume_from_checkpoint):
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder")
+        problem = ckpt.checkpoint_problem(resume_from_checkpoint, need_optimizer=need_optimizer)
+        if problem is not None:
+            raise ValueError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+    if resume_from_checkpoint is not None:
+        ckpt.check_same_model(resume_from_checkpoint, model_config)
+    return resume_from_checkpoint, start_run(output_dir, resume_from_checkpoint, overwrite)
