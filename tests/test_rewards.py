@@ -101,14 +101,14 @@ def test_module_function_loading(tmp_path, monkeypatch):
         "def length_reward(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    func = get_reward_function("my_rewards_mod:length_reward")
+    func = get_reward_function("my_rewards_mod:length_reward", trust_reward_code=True)
     per_func, total = compute_rewards([func], **batch(["ab", "abcd"]))
     assert total.tolist() == [2.0, 4.0]
-    assert get_reward_function("json:dumps") is sys.modules["json"].dumps
+    assert get_reward_function("json:dumps", trust_reward_code=True) is sys.modules["json"].dumps
     with pytest.raises(ValueError, match="no attribute"):
-        get_reward_function("my_rewards_mod:missing")
+        get_reward_function("my_rewards_mod:missing", trust_reward_code=True)
     with pytest.raises(ImportError, match="no_such_module_xyz"):
-        get_reward_function("no_such_module_xyz:f")
+        get_reward_function("no_such_module_xyz:f", trust_reward_code=True)
 
 
 # ---- compute_rewards -----------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ class ScriptArguments:
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional evaluation dataset (same forms)."})
     eval_split: str = field(default="test", metadata={"help": "Split of the evaluation dataset."})
     reward_funcs: list[str] = field(default_factory=lambda: ["format", "accuracy"], metadata={
-        "help": "GRPO rewards: built-in names (format, think_format, accuracy) or module:function (runs that code)."})
+        "help": "GRPO rewards: built-in names (format, think_format, accuracy) or module:function (imports and runs "
+                "that code; needs --trust_reward_code true)."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all parameters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -56,6 +57,51 @@ def _method(name: str):
     raise ValueError(name)
 
 
+def _pop_config_flag(argv: list[str], method: str) -> tuple[str | None, list[str]]:
+    """(the --config FILE / --config=FILE value, argv without it); SystemExit for a missing value or a repeat."""
+    found, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise SystemExit(f"vlmalign {method}: --config needs a file: --config FILE.yaml")
+            found.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+            if not value:
+                raise SystemExit(f"vlmalign {method}: --config needs a file: --config FILE.yaml")
+            found.append(value)
+        else:
+            rest.append(arg)
+        i += 1
+    if len(found) > 1:
+        raise SystemExit(f"vlmalign {method}: --config given {len(found)} times ({', '.join(found)}); give one file")
+    return (found[0] if found else None), rest
+
+
+def _read_config_file(path: str) -> dict:
+    """The YAML file's mapping of field -> value; SystemExit naming the file when it is missing, is not valid YAML,
+    or is not a mapping (a list or a scalar)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except OSError as error:
+        raise SystemExit(f"--config {path}: cannot read the file ({error})") from None
+    except yaml.YAMLError as error:
+        raise SystemExit(f"--config {path}: not valid YAML ({error})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"--config {path}: the file must hold a mapping of option: value, but holds a "
+                         f"{type(loaded).__name__} ({str(loaded)[:60]!r})")
+    bad = [k for k in loaded if not isinstance(k, str)]
+    if bad:
+        raise SystemExit(f"--config {path}: option names must be strings, got {bad}")
+    return loaded
+
+
 def parse_training_args(method: str, argv: list[str]):
     """YAML (`--config`) + command-line overrides -> (ScriptArguments, method config)."""
     from transformers import HfArgumentParser
@@ -63,15 +109,10 @@ def parse_training_args(method: str, argv: list[str]):
     config_cls, _, preset = _method(method)
     parser = HfArgumentParser((ScriptArguments, config_cls), prog=f"vlmalign {method}")
     parser.description = "Fields may also come from a YAML file: --config FILE (command-line flags override it)."
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        config_path = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
+    config_path, argv = _pop_config_flag(argv, method)
     defaults = dict(preset)
     if config_path:
-        with open(config_path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_config_file(config_path)
         known = {f.name for f in fields(ScriptArguments)} | {f.name for f in fields(config_cls)}
         unknown = sorted(set(loaded) - known)
         if unknown:
@@ -177,13 +218,15 @@ def eval_command(argv: list[str]) -> None:
     p.add_argument("--n", type=int, default=None, help="evaluate only the first n rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON summary here (default: stdout)")
+    p.add_argument("--trust-reward-code", action="store_true", help="allow --reward module:function (runs that code)")
     a = p.parse_args(argv)
     dataset = load_dataset_any(a.dataset, a.split)
     if a.n is not None:
         dataset = dataset.select(range(min(a.n, len(dataset))))
     model, processor = load_model(a.model), load_processor(a.model)
     result = evaluate(model, processor, dataset, rewards=a.reward or ["accuracy"], samples=a.samples,
-                      temperature=a.temperature, max_new_tokens=a.max_new_tokens, progress=True, seed=a.seed)
+                      temperature=a.temperature, max_new_tokens=a.max_new_tokens, progress=True, seed=a.seed,
+                      trust_reward_code=a.trust_reward_code)
     text = json.dumps({"model": a.model, "dataset": a.dataset, **result.to_dict()}, indent=2)
     if a.out:
         with open(a.out, "w") as f:
@@ -209,10 +252,12 @@ def make_preferences_command(argv: list[str]) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
+    p.add_argument("--trust-reward-code", action="store_true", help="allow --reward module:function (runs that code)")
     a = p.parse_args(argv)
     model, processor = load_model(a.model), load_processor(a.model)
     pairs = make_preferences(model, processor, load_dataset_any(a.dataset, a.split), reward=a.reward,
-                             samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed)
+                             samples=a.samples, temperature=a.temperature, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                             trust_reward_code=a.trust_reward_code)
     save_dataset(pairs, a.out)
     print(f"wrote {len(pairs)} preference pairs to {a.out}")
 

@@ -41,7 +41,7 @@ def _sequences(row: dict, kind: str) -> list[tuple[str, list[dict], bool, int]]:
 
 
 def check_with_template(rows: "RowDataset", kind: str, encoder: Encoder, *, measure: bool = True,
-                        batch_size: int = 32) -> dict[int, int]:
+                        batch_size: int = 32, name: str | None = None) -> dict[int, int]:
     """Render every row with the model's chat template and check what training will see: no message text that the
     template drops, and (SFT / preference) at least one supervised token per answer. With `measure`, also tokenise
     with the images expanded and return {row index: its longest sequence's length}. Raises DataValidationError
@@ -71,7 +71,7 @@ def check_with_template(rows: "RowDataset", kind: str, encoder: Encoder, *, meas
                     lengths[s[0]] = max(lengths.get(s[0], 0), int(n))
     if errors:
         errors.sort(key=lambda e: (e.row, e.column or ""))
-        raise DataValidationError(errors, len(rows))
+        raise DataValidationError(errors, len(rows), name)
     return lengths
 
 
@@ -113,11 +113,11 @@ def prepare_rows(
         return dataset
     if truncation_policy not in ("drop", "raise"):
         raise ValueError(f"truncation policy must be 'drop' or 'raise', got {truncation_policy!r}")
-    report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise")
+    report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise", name=name)
     if report.num_converted_images:
         logger.info("%s: %d non-RGB images converted to RGB", name, report.num_converted_images)
     rows = RowDataset(dataset, kind, report.valid_indices, max_image_pixels=max_image_pixels)
-    lengths = check_with_template(rows, kind, encoder, measure=max_length is not None)
+    lengths = check_with_template(rows, kind, encoder, measure=max_length is not None, name=name)
     if max_length is None:
         return rows
     too_long = {i: n for i, n in lengths.items() if n > max_length}
@@ -125,8 +125,12 @@ def prepare_rows(
         column = {"sft": "messages", "preference": "chosen/rejected", "prompt": "prompt"}[kind]
         lines = [f"row {i}, column '{column}': {n} tokens with its images > max_length={max_length}"
                  for i, n in sorted(too_long.items())[:50]]
-        raise SequenceTooLongError("rows too long (rows are never cut inside images):\n  " + "\n  ".join(lines))
+        raise SequenceTooLongError(f"{name}: rows too long (rows are never cut inside images):\n  " + "\n  ".join(lines))
     if too_long:
         logger.warning("%s: dropped %d rows longer than max_length=%d (rows are never cut inside images): %s",
                        name, len(too_long), max_length, sorted(too_long)[:20])
-    return RowDataset(dataset, kind, [i for i in rows.indices if i not in too_long], max_image_pixels=max_image_pixels)
+    kept = [i for i in rows.indices if i not in too_long]
+    if not kept:
+        raise SequenceTooLongError(f"{name}: every row is longer than max_length={max_length} with its images "
+                                   f"(rows are never cut inside images); raise max_length")
+    return RowDataset(dataset, kind, kept, max_image_pixels=max_image_pixels)

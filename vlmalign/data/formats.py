@@ -25,8 +25,10 @@ Errors name the row, the column and the problem: missing columns, None values, u
 answer text, non-string text, chosen identical to rejected (a pair with no preference is almost always a data bug),
 placeholder/image count mismatch, missing image files, unreadable or truncated images (each is fully decoded),
 images above ``max_image_pixels`` (default ``PIL.Image.MAX_IMAGE_PIXELS``, read from the header before decoding; PIL
-itself refuses more than twice its own limit), prompts not ending with a user turn, assistant turns in RL prompts.
-Non-RGB images are converted to RGB (transparency composited on white) and counted. A row reports its first problem;
+itself refuses more than twice its own limit), aspect ratios above ``MAX_ASPECT_RATIO``, image-placeholder text of any
+family typed into a message (``VISION_TEXT_TOKENS``), lone surrogate characters, prompts not ending with a user turn,
+assistant turns in RL prompts. Non-RGB images are converted to RGB (transparency composited on white, 16/32-bit gray
+scaled to 8 bits) and counted; the EXIF orientation is applied whatever the image's source. A row reports its first problem;
 `validate_dataset` reports every bad row.
 """
 
@@ -39,13 +41,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
+
+from .checks import MAX_ASPECT_RATIO, VISION_TEXT_TOKENS, image_shape_problem, text_problem  # noqa: F401
 
 KINDS = ("sft", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 IMAGE_COLUMNS = ("images", "image")
 MAX_LISTED_ERRORS = 50
+# Normalised prompt/completion SFT rows: how many leading assistant turns (those of the prompt) get no labels.
 PROGRESS_BAR_MIN_ROWS = 2000
 
 
@@ -64,14 +69,15 @@ class RowError(ValueError):
 class DataValidationError(ValueError):
     """Every bad row of a dataset (``.errors``), listed in the message up to MAX_LISTED_ERRORS lines."""
 
-    def __init__(self, errors: list[RowError], num_rows: int | None = None):
-        self.errors, self.num_rows = list(errors), num_rows
+    def __init__(self, errors: list[RowError], num_rows: int | None = None, dataset: str | None = None):
+        self.errors, self.num_rows, self.dataset = list(errors), num_rows, dataset
         in_rows = "" if num_rows is None else f" in {_plural(num_rows, 'row')}"
-        super().__init__(f"data validation failed, {_plural(len(self.errors), 'error')}{in_rows}:\n"
+        of = "" if dataset is None else f" of {dataset}"
+        super().__init__(f"data validation{of} failed, {_plural(len(self.errors), 'error')}{in_rows}:\n"
                          f"{_format_errors(self.errors)}")
 
     def __reduce__(self):
-        return type(self), (self.errors, self.num_rows)
+        return type(self), (self.errors, self.num_rows, self.dataset)
 
 
 @dataclass
@@ -118,15 +124,17 @@ def _load_rgb(obj: Any, max_image_pixels: int | None) -> tuple[Image.Image, bool
     limit = Image.MAX_IMAGE_PIXELS if max_image_pixels is None else max_image_pixels
     image = _open_lazily(obj)
     width, height = image.size  # read from the header; no pixels decoded yet
-    if limit is not None and width * height > limit:
+    problem = image_shape_problem(width, height, limit)
+    if problem is not None:
         if image is not obj:
             image.close()
-        raise ValueError(f"image is {width}x{height} = {width * height:,} pixels, above max_image_pixels="
-                         f"{limit:,} (decompression-bomb guard)")
+        raise ValueError(problem)
     try:
         image.load()
     except Exception as e:
         raise ValueError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})") from e
+    if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: every source (path, bytes, PIL, datasets) alike
+        image = ImageOps.exif_transpose(image)
     try:
         return _to_rgb(image)
     except Exception as e:
@@ -167,8 +175,10 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB"), True
-    if mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+    if mode.startswith("I;16") or mode in ("I", "F"):  # 16-bit (or 32-bit) gray: scaled to 8 bits, not clipped
+        image = image if mode in ("I", "F") else image.convert("I")
+        scale = 1 / 256 if image.getextrema()[1] > 255 else 1
+        image = image.point(lambda v: v * scale).convert("L")
     return image.convert("RGB"), True
 
 
@@ -180,6 +190,7 @@ def _parse_messages(value: Any, column: str, default_role: str) -> list[dict]:
     if value is None:
         raise _Bad(column, "is None; expected a string or a list of messages")
     if isinstance(value, str):
+        _check_text(value, column, f"message 0 ({default_role})")
         return [{"role": default_role, "content": [{"type": "text", "text": value}]}]
     if not isinstance(value, (list, tuple)):
         raise _Bad(column, f"expected a string or a list of messages, got {type(value).__name__}")
@@ -205,7 +216,16 @@ def _parse_message(message: Any, column: str, i: int) -> dict:
         blocks = [_parse_block(block, column, f"{where} block {j}") for j, block in enumerate(content)]
     else:
         raise _Bad(column, f"{where} content must be a string or a list of blocks, got {type(content).__name__}")
+    for j, block in enumerate(blocks):
+        if block["type"] == "text":
+            _check_text(block["text"], column, where if isinstance(content, str) else f"{where} block {j}")
     return {"role": role, "content": blocks}
+
+
+def _check_text(text: str, column: str, where: str) -> None:
+    problem = text_problem(text)
+    if problem is not None:
+        raise _Bad(column, f"{where} text {problem}")
 
 
 def _parse_block(block: Any, column: str, where: str) -> dict:
@@ -457,7 +477,7 @@ def _raw_rows(dataset, chunk: int = 1000):
 
 
 def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
-                     on_error: str = "raise") -> ValidationReport:
+                     on_error: str = "raise", name: str | None = None) -> ValidationReport:
     """Check the required columns once, then normalise EVERY row (loading every image) and collect all errors.
 
     on_error="raise" raises DataValidationError listing every bad row; "drop" returns the report, whose
@@ -468,11 +488,13 @@ def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if on_error not in ("raise", "drop"):
         raise ValueError(f"on_error must be 'raise' or 'drop', got {on_error!r}")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise DataValidationError([RowError(None, None, "the dataset is empty (0 rows)")], 0, dataset=name)
     columns = _column_names(dataset)
     if columns is not None and (missing := _missing_columns(columns, kind)):
         present = ", ".join(map(repr, columns)) or "none"
         raise DataValidationError([RowError(None, c, f"missing required column for kind {kind!r} (columns present: "
-                                                     f"{present})") for c in missing])
+                                                     f"{present})") for c in missing], dataset=name)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     report = ValidationReport(kind=kind)
     progress = tqdm(_raw_rows(dataset), total=total, desc=f"validating {kind} rows", unit="row",
@@ -490,5 +512,5 @@ def validate_dataset(dataset, kind: str, *, max_image_pixels: int | None = None,
         report.valid_indices.append(index)
         report.num_converted_images += converted
     if report.errors and on_error == "raise":
-        raise DataValidationError(report.errors, report.num_rows)
+        raise DataValidationError(report.errors, report.num_rows, dataset=name)
     return report

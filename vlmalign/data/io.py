@@ -165,7 +165,7 @@ def _load_file(path: Path) -> datasets.Dataset:
     """A ``.json`` / ``.jsonl`` / ``.parquet`` file, image paths resolved against its folder."""
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        return _dataset_from_rows(_read_json_rows(path), path.parent)
+        return _dataset_from_rows(_read_json_rows(path), path.parent, path)
     if suffix == ".parquet":
         return _load_parquet(path)
     raise ValueError(f"cannot load {path}: unsupported file type {suffix!r} (use .json, .jsonl or .parquet)")
@@ -175,9 +175,18 @@ def _read_json_rows(path: Path) -> list[dict]:
     """Rows of a JSON array, a JSON object of equal-length columns, or JSON Lines."""
     text = path.read_text(encoding="utf-8")
     try:
+        if path.suffix.lower() == ".jsonl":  # one object per line, even a single line whose values are all lists
+            raise json.JSONDecodeError("JSON Lines", text, 0)
         data = json.loads(text)
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {number} (row {len(rows)}) is not valid JSON: {error}") from None
+        return rows
     if isinstance(data, list):
         return data
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -190,7 +199,7 @@ def _load_parquet(path: Path) -> datasets.Dataset:
     ds = datasets.Dataset(InMemoryTable(pq.read_table(path)))
     if not any(name in ds.column_names and not _is_image_feature(ds.features[name]) for name in IMAGE_COLUMNS):
         return ds
-    return _dataset_from_rows(ds.to_list(), path.parent)
+    return _dataset_from_rows(ds.to_list(), path.parent, path)
 
 
 def _image_value(item: Any, base_dir: Path) -> Any:
@@ -209,16 +218,112 @@ def _image_value(item: Any, base_dir: Path) -> Any:
     return {"bytes": file.read_bytes(), "path": str(file)}
 
 
-def _dataset_from_rows(rows: list[dict], base_dir: Path) -> datasets.Dataset:
-    """A dataset from python rows, with ``image`` / ``images`` cast to datasets' ``Image`` feature."""
-    present = [name for name in IMAGE_COLUMNS if rows and name in rows[0]]
+MESSAGE_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
+
+
+def _value_kind(value: Any) -> str | None:
+    """The JSON type of a value, for the column type check (None: missing / null, compatible with anything)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _union_columns(rows: list[dict]) -> list[str]:
+    """Every column that appears in any row, in order of first appearance. A row without a column gets None there."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
     for row in rows:
+        for name in names:
+            row.setdefault(name, None)
+    return names
+
+
+def _typed_content(rows: list[dict], names: list[str]) -> None:
+    """In conversation columns, a message whose content is a string becomes one text block when other messages of
+    the column hold block lists (both forms are documented; Arrow cannot store the mix)."""
+    for name in names:
+        if name not in MESSAGE_COLUMNS:
+            continue
+        messages = [m for row in rows if isinstance(row[name], list) for m in row[name] if isinstance(m, dict)]
+        kinds = {type(m.get("content", m.get("value"))) for m in messages} - {type(None)}
+        if not (str in kinds and list in kinds):
+            continue
+        for message in messages:
+            key = "content" if "content" in message else "value"
+            if isinstance(message.get(key), str):
+                message[key] = [{"type": "text", "text": message[key]}]
+
+
+def _check_column_types(rows: list[dict], names: list[str], source: Path) -> None:
+    """Every column holds one JSON type (null aside), and Arrow can store it; else a ValueError naming the first
+    row that conflicts with the rows before it."""
+    for name in names:
+        first = None
+        for index, row in enumerate(rows):
+            kind = _value_kind(row[name])
+            if kind is None:
+                continue
+            if first is None:
+                first = (index, kind)
+            elif kind != first[1]:
+                raise ValueError(f"{source}: row {index}, column {name!r}: a {kind} value ({_short(row[name])}), "
+                                 f"but row {first[0]} holds a {first[1]}; a column must hold one type")
+        values = [row[name] for row in rows]
+        try:
+            pa.array(values)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as error:
+            index = _first_unstorable(values)
+            raise ValueError(f"{source}: row {index}, column {name!r}: its value ({_short(values[index])}) does not "
+                             f"have the structure of the rows before it ({type(error).__name__}: {error})") from None
+
+
+def _first_unstorable(values: list) -> int:
+    """The smallest k such that values[:k + 1] cannot be stored as one Arrow column (binary search)."""
+    lo, hi = 0, len(values) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            pa.array(values[: mid + 1])
+            lo = mid + 1
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            hi = mid
+    return lo
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _dataset_from_rows(rows: list[dict], base_dir: Path, source: Path | None = None) -> datasets.Dataset:
+    """A dataset from python rows, with ``image`` / ``images`` cast to datasets' ``Image`` feature.
+
+    Columns are the union over all rows (a row without a column gets None there: nothing is dropped because the
+    first row lacks it); a column holding two types (say a string in one row and a list in another) is an error
+    naming the row."""
+    source = source or base_dir
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {index} is a {type(row).__name__}, expected a JSON object")
+    if not rows:
+        raise ValueError(f"{source}: the dataset is empty (0 rows)")
+    names = _union_columns(rows)
+    present = [name for name in IMAGE_COLUMNS if name in names]
+    for index, row in enumerate(rows):
         for name in present:
             value = row.get(name)
-            if isinstance(value, list):
-                row[name] = [_image_value(item, base_dir) for item in value]
-            else:
-                row[name] = _image_value(value, base_dir)
+            try:
+                if isinstance(value, list):
+                    row[name] = [_image_value(item, base_dir) for item in value]
+                else:
+                    row[name] = _image_value(value, base_dir)
+            except (FileNotFoundError, TypeError) as error:
+                raise type(error)(f"{source}: row {index}, column {name!r}: {error}") from None
+    _typed_content(rows, names)
+    _check_column_types(rows, [n for n in names if n not in present], source)
     features = datasets.Features.from_arrow_schema(pa.Table.from_pylist(rows).schema)
     for name in present:
         features[name] = datasets.Image() if name == "image" else datasets.List(datasets.Image())

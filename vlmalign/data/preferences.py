@@ -108,6 +108,7 @@ def make_preferences(
     gold_template: str = AUTO,
     progress: bool = True,
     return_stats: bool = False,
+    trust_reward_code: bool = False,
 ) -> datasets.Dataset | tuple[datasets.Dataset, PreferenceStats]:
     """Sample `samples` answers per prompt from `model` (temperature `temperature`, vision tokens suppressed), score
     each with `reward` (a name, `"module:function"`, a callable, or a list of them: their sum), and build pairs.
@@ -130,7 +131,7 @@ def make_preferences(
     from ..eval.evaluate import make_encoder  # the eval layer builds the encoder the same way
 
     encoder = make_encoder(model, processor)
-    funcs = [get_reward_function(r) for r in (reward if isinstance(reward, (list, tuple)) else [reward])]
+    funcs = [get_reward_function(r, trust_reward_code=trust_reward_code) for r in (reward if isinstance(reward, (list, tuple)) else [reward])]
     kind = detect_kind(_column_names(dataset))
     sampling = SamplingConfig(max_completion_length=max_new_tokens, temperature=temperature, do_sample=True)
     stats, out_rows = PreferenceStats(), []

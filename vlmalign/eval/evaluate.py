@@ -59,12 +59,13 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = False,
     seed: int = 0,
+    trust_reward_code: bool = False,
 ) -> EvalResult:
     """Answer every prompt of `dataset` (any accepted format: its prompt side is used). With `samples == 1` the
     answer is greedy; with more, `samples` answers are sampled at `temperature` and pass@k is reported for
     k in 1, 2, 4, ... <= samples. Accuracy is the `accuracy` reward (exact match / math-verify on `solution`)."""
     encoder = make_encoder(model, processor)
-    funcs = [get_reward_function(r) for r in rewards]
+    funcs = [get_reward_function(r, trust_reward_code=trust_reward_code) for r in rewards]
     names = [reward_function_name(f) for f in funcs]
     if "accuracy_reward" not in names and "accuracy" not in names:
         funcs.append(get_reward_function("accuracy"))

@@ -106,11 +106,40 @@ def load_model(
     (safetensors only; remote code only when asked)."""
     if isinstance(model, torch.nn.Module):
         return model
+    check_model_folder(model)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
     return AutoModelForImageTextToText.from_pretrained(
         model, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
     )
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """Refuse, with the reason, local folders that are not a loadable model: a PEFT adapter folder, a folder with
+    pickle weights only (refused on purpose: unpickling can run code), or one without config.json."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return  # a hub id, or a path that from_pretrained reports itself
+    names = {p.name for p in folder.iterdir()}
+    if "adapter_config.json" in names and "config.json" not in names:
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        raise ValueError(
+            f"{folder} is a PEFT adapter folder (adapter_config.json, no config.json), not a model: give the base "
+            f"model ({base or 'see base_model_name_or_path in adapter_config.json'}) as the model, and either merge "
+            f"the adapter into it first or load it with peft.PeftModel.from_pretrained(base, {str(folder)!r}, "
+            f"is_trainable=True) and pass that model")
+    if "config.json" not in names:
+        raise ValueError(f"{folder} is not a model folder: it has no config.json")
+    safetensors = [n for n in names if n.endswith(".safetensors") or n == "model.safetensors.index.json"]
+    pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")) and "training_args" not in n)
+    if not safetensors and pickles:
+        raise ValueError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}). vlmalign loads safetensors only, on purpose: "
+            f"loading a pickle can run arbitrary code. If you trust the file, convert it once: "
+            f"AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)")
 
 
 def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike) -> None:

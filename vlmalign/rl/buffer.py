@@ -183,6 +183,18 @@ _BUFFER_TENSORS = ("completion_ids", "completion_mask", "loss_mask", "advantages
                    "group_ids")
 
 
+def row_fingerprint(row: dict) -> str:
+    """A short hash of what a buffered completion was sampled from: the row's prompt and its images' pixels."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(row.get("prompt"), sort_keys=True, default=str).encode("utf-8", "replace"))
+    for image in row.get("images") or []:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_buffer(buffer: GenerationBuffer, path: str) -> None:
     """Write a buffered generation batch to a safetensors file (no pickle): its tensors, and its rows as dataset
     indices (`row["_index"]`), so a run resumed inside a generation batch trains on the same completions."""
@@ -192,7 +204,7 @@ def save_buffer(buffer: GenerationBuffer, path: str) -> None:
     tensors = {k: getattr(batch, k).detach().cpu().clone() for k in _BUFFER_TENSORS if getattr(batch, k) is not None}
     meta = {"row_indices": [int(r["_index"]) for r in batch.rows], "num_items_in_batch": float(batch.num_items_in_batch),
             "steps_per_generation": buffer.steps_per_generation, "seed": buffer.seed, "shuffle": buffer.shuffle,
-            "by_group": buffer.by_group}
+            "by_group": buffer.by_group, "row_fingerprints": [row_fingerprint(r) for r in batch.rows]}
     import json
 
     save_file(tensors, path, metadata={"vlmalign": json.dumps(meta)})
@@ -207,7 +219,15 @@ def load_buffer(path: str, row_by_index, device) -> GenerationBuffer:
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["vlmalign"])
         tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
-    batch = GenerationBatch(rows=[row_by_index(i) for i in meta["row_indices"]],
+    rows = [row_by_index(i) for i in meta["row_indices"]]
+    for index, row, saved in zip(meta["row_indices"], rows, meta.get("row_fingerprints") or [None] * len(rows)):
+        if saved is not None and row_fingerprint(row) != saved:
+            raise ValueError(
+                f"{path}: the generation batch saved in this checkpoint was sampled from dataset row {index}, whose "
+                f"prompt or images are different now (the dataset changed since the checkpoint). Resuming would "
+                f"train the saved completions against other prompts: resume with the original dataset, or resume "
+                f"from a checkpoint taken at a generation-batch boundary.")
+    batch = GenerationBatch(rows=rows,
                             num_items_in_batch=meta["num_items_in_batch"],
                             **{k: tensors.get(k) for k in _BUFFER_TENSORS})
     return GenerationBuffer(batch, meta["steps_per_generation"], seed=meta["seed"], shuffle=meta["shuffle"],

@@ -184,7 +184,7 @@ def _import_function(spec: str) -> RewardFunction:
     return obj
 
 
-def get_reward_function(spec: str | RewardFunction) -> RewardFunction:
+def get_reward_function(spec: str | RewardFunction, *, trust_reward_code: bool = False) -> RewardFunction:
     """Resolve a reward function.
 
     - a callable is returned unchanged;
@@ -192,13 +192,19 @@ def get_reward_function(spec: str | RewardFunction) -> RewardFunction:
       ``"<name>_reward"`` spellings are accepted too);
     - ``"package.module:function"`` (or ``"module:Class.method"``) imports that module and returns the function.
       **This runs the user's code**: importing executes the module's top-level code, and the trainer then calls
-      the function on every batch. Only load modules you trust.
+      the function on every batch. So it needs ``trust_reward_code=True`` (``GRPOConfig.trust_reward_code``, CLI
+      ``--trust_reward_code true`` / ``--trust-reward-code``): a name in a YAML file alone never imports code.
     """
     if callable(spec):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a reward function must be a name, a 'module:function' string or a callable, got {spec!r}")
     if ":" in spec:
+        if not trust_reward_code:
+            raise ValueError(
+                f"reward function {spec!r} names code to import and run; this needs an explicit opt-in: "
+                f"trust_reward_code=True (GRPOConfig / CLI --trust_reward_code true; eval and make-preferences: "
+                f"--trust-reward-code). Only do this for modules you trust.")
         return _import_function(spec)
     name = spec.strip()
     if name not in REWARD_FUNCTIONS and name.endswith("_reward"):
@@ -293,6 +299,8 @@ def _raised_error(func: RewardFunction, exc: BaseException, kwargs: dict) -> Rew
 
     To find the sample the function is called again on each sample alone (error path only).
     """
+    if isinstance(exc, RewardFunctionError):  # already explained (e.g. a timeout): calling it again would repeat it
+        return exc
     name = reward_function_name(func)
     completions = kwargs["completions"]
     n = len(completions)

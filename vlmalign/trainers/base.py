@@ -11,6 +11,7 @@ Reliability (docs/reliability.md), for every trainer through `VLMTrainer`:
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, rotate_checkpoints, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, set_seed
 
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
@@ -31,11 +32,15 @@ from ..models.families import Family, get_family
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
 from . import checkpoint as ckpt
+from . import run_dir as runs
+from .config_check import check_field_types
 from .guards import POLICIES, NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
 VLMALIGN_STATE_NAME = "vlmalign_state.json"
+TRAINING_ARGS_NAME = "training_args.bin"   # what Trainer writes (a pickle); replaced by:
+TRAINING_ARGS_JSON = "training_args.json"
 PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin")
 
 
@@ -58,6 +63,9 @@ class BaseConfig(TrainingArguments):
     nonfinite_policy: str = field(default="raise", metadata={"help": "On a non-finite loss or gradient: 'raise' "
                                   "(stop, naming the step; weights untouched) or 'skip' (drop that optimizer step, "
                                   "count it in the metric nonfinite_skipped)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start a new run in an output_dir that "
+                                       "holds another run's checkpoints (they are moved to previous-runs/, never "
+                                       "deleted). Without it such a start is refused."})
     checkpoint_fsync: bool = field(default=True, metadata={"help": "fsync checkpoint files before the atomic "
                                    "rename (survives power loss, not only a killed process)."})
     # Defaults that differ from TrainingArguments
@@ -70,6 +78,7 @@ class BaseConfig(TrainingArguments):
         if isinstance(self.model_init_kwargs, str):
             import json
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
+        check_field_types(self)  # a wrong type stops here, naming the field, not deep inside training
         if self.truncation_policy not in ("drop", "raise"):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
@@ -121,6 +130,10 @@ def prepare_model(model, args: BaseConfig, peft_config=None) -> tuple[torch.nn.M
         if args.gradient_checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, peft_config)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (every parameter is frozen): nothing would be "
+                         "trained. Check freeze_vision_tower / freeze_projector, or a PEFT model loaded without "
+                         "is_trainable=True")
     return model, family
 
 
@@ -235,6 +248,13 @@ class VLMTrainer(MetricsMixin, Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        # Trainer pickles the whole TrainingArguments object as training_args.bin: keep a JSON copy instead, so no
+        # pickle file is left in any output folder.
+        pickled = os.path.join(output_dir, TRAINING_ARGS_NAME)
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
         save_processor(self.processing_class, output_dir)
         stale = [name for name in PICKLE_WEIGHT_FILES if os.path.exists(os.path.join(output_dir, name))]
         if stale:  # transformers 5 writes safetensors only: these come from an earlier run in the same directory
@@ -244,27 +264,59 @@ class VLMTrainer(MetricsMixin, Trainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
-        """`Trainer.train`, with staging directories of interrupted saves removed first, and
-        ``resume_from_checkpoint=True`` resolved to the last *complete* ``checkpoint-N`` of ``output_dir`` (also
+        """`Trainer.train`, holding the output folder's lock (run_dir.py: one run per folder; another run's
+        checkpoints are neither reused nor deleted), with staging directories of interrupted saves removed first, and
+        ``resume_from_checkpoint=True`` resolved to the last checkpoint that passes `ckpt.checkpoint_problem` (also
         the strings "true" / "last", as the CLI's ``--resume_from_checkpoint`` passes them, unless such a path
         exists)."""
         if (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last")
                 and not os.path.exists(resume_from_checkpoint)):
             resume_from_checkpoint = True
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        self._run_lock = None
+        self.run_id = None
+        try:
+            resume_from_checkpoint = self._claim_output_dir(resume_from_checkpoint)
+            self._guard.reset()
+            self._guard.skipped = 0
+            self._guard_checked, self._guard_verdict = False, None
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:
+            if self.args.should_save:
+                runs.release_lock(self._run_lock, self.run_id)
+
+    def _claim_output_dir(self, resume_from_checkpoint):
+        """Lock the output folder, pick and check the checkpoint to resume from, and fix this run's identity
+        (run_dir.py). Decided on the main process; every process raises the same error."""
+        error, resolved, run_id = None, resume_from_checkpoint, None
         if self.args.should_save:
-            ckpt.remove_stale_staging(self.args.output_dir, " at the start of training")
+            try:
+                out = self.args.output_dir
+                self._run_lock = runs.acquire_lock(out, "pending")
+                ckpt.remove_stale_staging(out, " at the start of training")
+                need_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+                resolved, run_id = runs.resolve_resume(
+                    out, resume_from_checkpoint, unwrap_model(self.model).config, need_optimizer=need_optimizer,
+                    overwrite=getattr(self.args, "overwrite_output_dir", False))
+                runs.update_lock(self._run_lock, run_id)
+            except (runs.OutputDirInUseError, ckpt.CheckpointMismatchError, ValueError) as e:
+                if self._run_lock is not None:
+                    runs.release_lock(self._run_lock, "pending")
+                    self._run_lock = None
+                error = e
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            shared = [None if error is None else (type(error), str(error)), resolved, run_id]
+            broadcast_object_list(shared)
+            error = error if error is not None or shared[0] is None else shared[0][0](shared[0][1])
+            resolved, run_id = shared[1], shared[2]
         self.accelerator.wait_for_everyone()
-        if resume_from_checkpoint is True:
-            last = ckpt.last_complete_checkpoint(self.args.output_dir)
-            if last is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-            logger.info("Resuming from the last complete checkpoint, %s", last)
-            resume_from_checkpoint = last
-        self._guard.reset()
-        self._guard.skipped = 0
-        self._guard_checked, self._guard_verdict = False, None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        if error is not None:
+            raise error
+        self.run_id = run_id
+        return resolved
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -334,7 +386,7 @@ class VLMTrainer(MetricsMixin, Trainer):
     # ------------------------------------------------------------------------------------- checkpoints
 
     def _resumable_state(self) -> dict:
-        state = {"nonfinite_skipped": self._guard.skipped}
+        state = {"nonfinite_skipped": self._guard.skipped, "run_id": getattr(self, "run_id", None)}
         state.update({name: getattr(self, name) for name in self._resumable_attrs if hasattr(self, name)})
         return state
 
@@ -355,6 +407,7 @@ class VLMTrainer(MetricsMixin, Trainer):
             with open(path, encoding="utf-8") as f:
                 state = json.load(f)
             self._guard.skipped = int(state.pop("nonfinite_skipped", 0))
+            state.pop("run_id", None)
             for name, value in state.items():
                 if name in self._resumable_attrs:
                     setattr(self, name, value)
@@ -415,9 +468,14 @@ class VLMTrainer(MetricsMixin, Trainer):
         try:
             save()
             self.accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
-        except BaseException:
+        except BaseException as error:
             if self.args.should_save:
                 shutil.rmtree(root, ignore_errors=True)
+            if ckpt.is_disk_full(error, run_dir):
+                raise OSError(errno.ENOSPC, f"No space left on the disk of {run_dir} while writing checkpoint {name} "
+                              f"({type(error).__name__}: {error}). The partial checkpoint was removed; the earlier "
+                              f"checkpoints are intact. Free space (or lower save_total_limit) and resume with "
+                              f"resume_from_checkpoint=True.") from error
             raise
         finally:
             self._ckpt_staging = None
@@ -433,8 +491,9 @@ class VLMTrainer(MetricsMixin, Trainer):
                 shutil.rmtree(root, ignore_errors=True)
             # Trainer rotated inside the staging directory (a no-op there): rotate the real one, after the new
             # checkpoint is complete.
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            if getattr(self, "run_id", None) is not None:  # only this run's checkpoints are ever deleted
+                runs.rotate_own_checkpoints(run_dir, self.args.save_total_limit, self.run_id,
+                                               self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()  # the checkpoint is published before anyone goes on
         if self._ckpt_push_pending:
             self._ckpt_push_pending = False

@@ -181,3 +181,150 @@ def load_converted_weights(model, checkpoint_dir: str | os.PathLike) -> None:
         raise RuntimeError(f"Checkpoint {checkpoint_dir} does not match the model: {problems}")
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
+
+
+def is_disk_full(error: BaseException, folder: str, min_free_bytes: int = 64 * 2**20) -> bool:
+    """Whether a failed save was (most likely) a full disk: ENOSPC / EDQUOT anywhere in the exception chain, or
+    torch's "file write failed" with less than `min_free_bytes` left on `folder`'s disk."""
+    import errno
+
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        current = current.__cause__ or current.__context__
+    if "write" in str(error).lower():
+        try:
+            return shutil.disk_usage(folder).free < min_free_bytes
+        except OSError:
+            return False
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a checkpoint before resuming from it
+# ---------------------------------------------------------------------------------------------------------------
+
+OPTIMIZER_NAME, SCHEDULER_NAME = "optimizer.pt", "scheduler.pt"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written for another model (family or architecture) than the one being trained."""
+
+
+def _torch_file_problem(path: str) -> str | None:
+    """A `torch.save` file (a zip archive) that is cut short fails to open its central directory."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"{path} is truncated or corrupt ({type(error).__name__}: {error})"
+    return None
+
+
+def _safetensors_problem(path: str) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if keys:  # reading the last tensor touches the end of the file
+                f.get_slice(keys[-1])
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+            meta = json.loads(f.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end > size:
+            return f"{path} is truncated ({size} bytes, the header describes {8 + header + end})"
+    except Exception as error:  # safetensors raises its own error types
+        return f"{path} is truncated or corrupt ({type(error).__name__}: {error})"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike, *, need_optimizer: bool = True) -> str | None:
+    """The first reason `path` cannot be resumed from, naming the file; None for a complete checkpoint. Checks the
+    trainer state (JSON), the weights (safetensors, full or adapter, single or sharded: headers and sizes), and the
+    optimizer and scheduler state (present, readable archives) unless `need_optimizer` is False."""
+    path = os.fspath(path)
+    state = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state):
+        return f"{state} is missing (not a complete checkpoint)"
+    try:
+        with open(state, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as error:
+        return f"{state} is unreadable ({error})"
+    weights = [os.path.join(path, n) for n in (SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+               if os.path.isfile(os.path.join(path, n))]
+    index = os.path.join(path, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as error:
+            return f"{index} is unreadable ({error})"
+        for shard in shards:
+            if not os.path.isfile(os.path.join(path, shard)):
+                return f"{os.path.join(path, shard)} is missing (listed in {index})"
+        weights += [os.path.join(path, s) for s in shards]
+    if not weights and not any(n.startswith(("global_step", "pytorch_model_fsdp")) for n in os.listdir(path)):
+        return f"{path} holds no model weights ({SAFE_WEIGHTS_NAME}, {ADAPTER_WEIGHTS_NAME} or a sharded index)"
+    for file in weights:
+        if (problem := _safetensors_problem(file)) is not None:
+            return problem
+    if need_optimizer:
+        for name in (OPTIMIZER_NAME, SCHEDULER_NAME):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                return (f"{file} is missing: resuming would restart the optimizer (moments, step counts) or the "
+                        f"learning-rate schedule from scratch")
+            if (problem := _torch_file_problem(file)) is not None:
+                return problem
+    return None
+
+
+def check_same_model(path: str | os.PathLike, model_config) -> None:
+    """Raise `CheckpointMismatchError` when the checkpoint's config.json names another architecture than the model
+    being trained (model_type, or the text model's hidden size / layer count)."""
+    file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(file):
+        return  # adapter-only checkpoints carry adapter_config.json; the weights check catches mismatches there
+    with open(file, encoding="utf-8") as f:
+        saved = json.load(f)
+    ours = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    differences = []
+    for key in ("model_type",):
+        if saved.get(key) != ours.get(key):
+            differences.append(f"{key} {saved.get(key)!r} (checkpoint) vs {ours.get(key)!r} (model)")
+    saved_text, our_text = saved.get("text_config") or saved, ours.get("text_config") or ours
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key in saved_text and key in our_text and saved_text[key] != our_text[key]:
+            differences.append(f"text {key} {saved_text[key]} (checkpoint) vs {our_text[key]} (model)")
+    if differences:
+        raise CheckpointMismatchError(
+            f"checkpoint {path} was written for another model: {'; '.join(differences)}. Resume with the model "
+            f"the checkpoint was trained from, or start a new run in another output_dir.")
+
+
+def last_resumable_checkpoint(output_dir: str | os.PathLike, *, need_optimizer: bool = True) -> str | None:
+    """The newest `checkpoint-N` that `checkpoint_problem` accepts; newer broken ones are skipped with a warning
+    naming the bad file."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path, need_optimizer=need_optimizer)
+        if problem is None:
+            return path
+        logger.warning("Skipping %s: %s; falling back to an older checkpoint", path, problem)
+    return None

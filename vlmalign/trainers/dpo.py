@@ -11,11 +11,13 @@ every training step before the loss, as TRL <= 0.28 did, and saved in / restored
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from ..data.collate import PreferenceCollator
+from ..data.formats import _column_names
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from .base import BaseConfig, VLMTrainer
 from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_reference_model,
@@ -25,6 +27,7 @@ from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_refer
 MPO_PRESET = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+logger = logging.getLogger(__name__)
 
 
 def _split(value) -> list[str]:
@@ -78,9 +81,11 @@ class DPOConfig(BaseConfig):
 class DPOCollator(PreferenceCollator):
     """`PreferenceCollator` + the rows' precomputed reference log-probs, when they carry them ([B] each)."""
 
+    use_ref_columns: bool = False  # only with precompute_ref_log_probs: stray columns never become the reference
+
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__(rows)
-        if all(k in rows[0] for k in _REF_KEYS):
+        if self.use_ref_columns and all(k in rows[0] for k in _REF_KEYS):
             for key in _REF_KEYS:
                 batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.float32)
         return batch
@@ -102,6 +107,13 @@ class DPOTrainer(VLMTrainer):
                  processing_class=None, peft_config=None, callbacks=None, **kwargs):
         args = args if args is not None else DPOConfig(output_dir="dpo-output")
         self._shared_prefix = args.shared_prefix  # read by make_collator, which runs inside super().__init__
+        self._use_ref_columns = args.precompute_ref_log_probs
+        for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            stray = [k for k in _REF_KEYS if k in (_column_names(data) or ())]
+            if stray:
+                logger.warning("%s has the columns %s; they are ignored: the reference log-probs are %s", name, stray,
+                               "recomputed up front (precompute_ref_log_probs=True)" if args.precompute_ref_log_probs
+                               else "computed by the reference model at every step (precompute_ref_log_probs=False)")
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         precompute = args.precompute_ref_log_probs
@@ -112,7 +124,8 @@ class DPOTrainer(VLMTrainer):
             self.ref_model = None  # a given ref_model was used once (on the policy's device); none is kept
 
     def make_collator(self):
-        return DPOCollator(self.encoder, shared_prefix=self._shared_prefix)
+        return DPOCollator(self.encoder, shared_prefix=self._shared_prefix,
+                           use_ref_columns=self._use_ref_columns)
 
     # -------------------------------------------------------------------------------------------- reference
 

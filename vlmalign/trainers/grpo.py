@@ -43,6 +43,7 @@ from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
                               write_completions_log)
+from ..rl.reward_guard import guard_reward_function
 from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name, reward_metrics
 from ..rl.rollout import SamplingConfig
 from ..rl.sampling import derive_seed, sample_completions
@@ -85,6 +86,11 @@ class GRPOConfig(BaseConfig):
     scale_rewards: str = "group"
     mask_truncated_completions: bool = False
     reward_weights: list[float] | None = None
+    reward_timeout: float | None = field(default=None, metadata={"help": "Seconds a reward function may take on a "
+                                         "generation batch before training stops with an error naming it (default: "
+                                         "no limit)."})
+    trust_reward_code: bool = field(default=False, metadata={"help": "Allow reward functions given as "
+                                    "'module:function' (imports and runs that module). Off by default."})
     shuffle_dataset: bool = True
     log_completions: bool = False
     completions_log_steps: int | None = field(default=None, metadata={"help": "Write completions.jsonl every N "
@@ -106,6 +112,18 @@ class GRPOConfig(BaseConfig):
                                     IMPORTANCE_SAMPLING_LEVELS)):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+        for name, value, ok, rule in (
+                ("beta", self.beta, self.beta >= 0, ">= 0"), ("epsilon", self.epsilon, self.epsilon > 0, "> 0"),
+                ("epsilon_high", self.epsilon_high, self.epsilon_high is None or self.epsilon_high > 0, "> 0"),
+                ("delta", self.delta, self.delta is None or self.delta > 0, "> 0"),
+                ("max_completion_length", self.max_completion_length, self.max_completion_length >= 1, ">= 1"),
+                ("temperature", self.temperature, self.temperature > 0, "> 0 (sampling needs it; greedy "
+                 "decoding would give every completion of a group the same reward)"),
+                ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k, self.top_k >= 0, ">= 0"),
+                ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0"),
+                ("reward_timeout", self.reward_timeout, self.reward_timeout is None or self.reward_timeout > 0, "> 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {value}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (group statistics), got {self.num_generations}")
         if self.num_iterations < 1:
@@ -167,7 +185,9 @@ class GRPOTrainer(VLMTrainer):
         funcs = [reward_funcs] if callable(reward_funcs) or isinstance(reward_funcs, str) else list(reward_funcs)
         if not funcs:
             raise ValueError("GRPOTrainer needs at least one reward function")
-        self.reward_funcs = [get_reward_function(f) for f in funcs]
+        # every function gets copies of its inputs (it cannot change the training rows) and, if set, a time limit
+        self.reward_funcs = [guard_reward_function(get_reward_function(f, trust_reward_code=args.trust_reward_code),
+                                                   args.reward_timeout) for f in funcs]
         self.reward_func_names = [reward_function_name(f) for f in self.reward_funcs]
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
@@ -253,7 +273,9 @@ class GRPOTrainer(VLMTrainer):
         # rewards and advantages over the whole generation batch (all processes), then this process's slice
         local_ids = [c[m.bool()].tolist() for c, m in zip(ids.cpu(), mask.cpu())]
         all_rows, all_texts, all_ids = gather_object(rows), gather_object(rollout.texts), gather_object(local_ids)
-        columns = {k: [r.get(k) for r in all_rows] for k in all_rows[0] if k != "prompt"}
+        # every column of every row (rows may be plain dicts with differing keys): missing values are None
+        names = dict.fromkeys(k for r in all_rows for k in r if k != "prompt")
+        columns = {k: [r.get(k) for r in all_rows] for k in names}
         per_func, total = compute_rewards(self.reward_funcs, [r["prompt"] for r in all_rows], all_texts, all_ids,
                                           columns, args.reward_weights)
         advantages, group_stats = group_advantages(total, args.num_generations, args.scale_rewards)
