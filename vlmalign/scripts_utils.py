@@ -151,16 +151,9 @@ class TrlParser(HfArgumentParser):
 
 
 def _bitsandbytes_problem() -> str | None:
-    """Why bitsandbytes quantization cannot run here, or None."""
-    import importlib.util
+    from .models.quantization import bitsandbytes_problem
 
-    import torch
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "the bitsandbytes package is not installed (pip install bitsandbytes)"
-    if not torch.cuda.is_available():
-        return "no CUDA device is available (bitsandbytes 4/8-bit training needs one)"
-    return None
+    return bitsandbytes_problem()
 
 
 def get_quantization_config(model_args: ModelConfig):

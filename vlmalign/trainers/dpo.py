@@ -18,6 +18,7 @@ import torch
 from ..data.collate import PreferenceCollator
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from .base import BaseConfig, VLMTrainer
+from .trl_fields import DPOTrlFields, check_trl_arguments
 from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_reference_model,
                         precompute_reference_logps, reference_logps)
 
@@ -33,12 +34,12 @@ def _split(value) -> list[str]:
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(BaseConfig, DPOTrlFields):
     """Configuration of `DPOTrainer` (a `transformers.TrainingArguments`). MPO: `DPOConfig(**MPO_PRESET, ...)`."""
 
     beta: float = field(default=0.1, metadata={"help": "Temperature of the implicit reward beta * log(pi/pi_ref) "
                         "(IPO's tau). Higher keeps the policy closer to the reference."})
-    loss_type: list[str] | str = field(default="sigmoid", metadata={"help": "Loss name(s) of "
+    loss_type: list[str] | str = field(default_factory=lambda: ["sigmoid"], metadata={"help": "Loss name(s) of "
                                        "vlmalign.losses.preference.PREFERENCE_LOSSES: a list, a name, or "
                                        "comma-separated names (e.g. 'sigmoid,bco_pair,sft' = MPO with its weights)."})
     loss_weights: list[float] | None = field(default=None, metadata={"help": "One weight per loss_type "
@@ -59,8 +60,13 @@ class DPOConfig(BaseConfig):
                                 "chosen and rejected answers (policy and reference passes); same values and "
                                 "gradients as repeating the prompt."})
     learning_rate: float = 1e-6
+    remove_unused_columns: bool = True
 
     def __post_init__(self):
+        check_trl_arguments(self)
+        self._check_dpo_arguments()
+        if self.loss_type is None:  # a parser or YAML that leaves the field unset: TRL's default
+            self.loss_type = ["sigmoid"]
         self.loss_type = _split(self.loss_type)  # "a,b", ["a", "b"] and the CLI's ["a,b"] all become ["a", "b"]
         unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
         if not self.loss_type or unknown:

@@ -47,6 +47,7 @@ from ..rl.rewards import compute_rewards, get_reward_function, reward_function_n
 from ..rl.rollout import SamplingConfig
 from ..rl.sampling import derive_seed, sample_completions
 from .base import BaseConfig, VLMTrainer
+from .trl_fields import GRPOTrlFields, check_trl_arguments
 from .reference import make_reference_model, reference_forward
 
 #: GSPO (Zheng et al. 2025, arXiv 2507.18071) as in TRL's paper index; also set steps_per_generation to
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(BaseConfig):
+class GRPOConfig(BaseConfig, GRPOTrlFields):
     """Configuration of `GRPOTrainer` (a `transformers.TrainingArguments`); defaults are TRL 1.16's."""
 
     learning_rate: float = 1e-6
@@ -97,6 +98,9 @@ class GRPOConfig(BaseConfig):
     ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self):
+        check_trl_arguments(self)
+        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
+            self.scale_rewards = self.scale_rewards.lower() == "true"   # `--scale_rewards False` on a command line
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         super().__post_init__()
