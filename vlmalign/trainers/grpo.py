@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 
-from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, policy_loss
+from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, TOKEN_NORMALISED_LOSS_TYPES, policy_loss
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
@@ -327,8 +327,11 @@ class GRPOTrainer(VLMTrainer):
             logps, old, inputs["advantages"], inputs["loss_mask"], epsilon_low=args.epsilon,
             epsilon_high=args.epsilon_high, delta=args.delta, importance_sampling_level=args.importance_sampling_level,
             loss_type=args.loss_type, beta=args.beta, ref_logps=inputs["ref_logps"],
-            max_completion_length=args.max_completion_length, num_items_in_batch=normalizer)
-        if args.loss_type != "dapo":
+            max_completion_length=args.max_completion_length, num_items_in_batch=normalizer,
+            kl_importance_correction=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_params=(args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg))
+        if args.loss_type not in TOKEN_NORMALISED_LOSS_TYPES:
             loss = loss / ga
         maskf = mask.to(entropy.dtype)
         metrics["entropy"] = (entropy.detach() * maskf).sum() / maskf.sum().clamp(min=1)
