@@ -282,6 +282,9 @@ class GRPOTrainer(VLMTrainer):
                 and self.state.global_step % args.completions_log_steps == 0):
             write_completions_log(f"{args.output_dir}/completions.jsonl", self.state.global_step, all_rows,
                                   all_texts, per_func, self.reward_func_names, total, advantages)
+            for i in range(min(args.num_completions_to_print or 0, len(all_texts))):  # TRL's option: print some
+                logger.info("step %d completion %d (reward %.4g, advantage %.4g): %r", self.state.global_step, i,
+                            float(total[i]), float(advantages[i]), all_texts[i])
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
                                num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups)

@@ -111,7 +111,8 @@ GRPO = {
     "log_multimodal": ("differs", "Accepted; completions.jsonl (log_completions) records text and rewards, "
                        "never images."),
     "num_completions_to_print": ("differs", "Accepted; with log_completions, that many completions of each "
-                                 "logged batch are printed to the log (TRL prints a rich table)."),
+                                 "logged batch are logged (logger.info: text, reward, advantage); TRL prints a rich "
+                                 "table."),
     "log_unique_prompts": ("refused", "not implemented; completions.jsonl holds every prompt of a logged batch."),
     "log_completions_hub_repo": ("refused", "pushing completion logs to the Hub is not implemented; "
                                  "completions.jsonl is written to output_dir."),
