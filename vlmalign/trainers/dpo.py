@@ -26,6 +26,8 @@ from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_refer
 MPO_PRESET = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+#: TRL 1.16 DPO loss types without a vlmalign implementation (refused by name)
+TRL_ONLY_LOSSES = ("aot", "aot_unpaired", "sigmoid_norm")
 
 
 def _split(value) -> list[str]:
@@ -69,6 +71,10 @@ class DPOConfig(BaseConfig, DPOTrlFields):
             self.loss_type = ["sigmoid"]
         self.loss_type = _split(self.loss_type)  # "a,b", ["a", "b"] and the CLI's ["a,b"] all become ["a", "b"]
         unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
+        not_here = [t for t in unknown if t in TRL_ONLY_LOSSES]
+        if not_here:
+            raise ValueError(f"loss_type {not_here} (TRL 1.16) is not implemented in vlmalign; implemented: "
+                             f"{sorted(PREFERENCE_LOSSES)}")
         if not self.loss_type or unknown:
             raise ValueError(f"unknown loss_type {unknown or self.loss_type}; valid: {sorted(PREFERENCE_LOSSES)}")
         if self.loss_weights is not None:
