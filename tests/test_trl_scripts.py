@@ -4,6 +4,7 @@ sft_vlm_gemma3, dpo_vlm with and without streaming, mpo_vlm, grpo_vlm, gspo_vlm)
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -236,7 +237,7 @@ def test_dpo_streaming_and_mpo_script_patterns(tiny_model_dir, pref_folder, tmp_
         DPOTrainer(model=_load_model(model_args), args=args, train_dataset=train)
 
 
-def test_grpo_script_pattern_problem_solution_rows_and_trl_rewards(tiny_model_dir, r1_folder, tmp_path):
+def test_grpo_script_pattern_problem_solution_rows_and_trl_rewards(tiny_model_dir, r1_folder, tmp_path, caplog):
     parser = TrlParser((ScriptArguments, GRPOConfig, ModelConfig))
     _, args, model_args = parser.parse_args_and_config(
         ["--model_name_or_path", str(tiny_model_dir("qwen2_vl")), "--max_completion_length", "6", "--use_peft",
@@ -252,7 +253,10 @@ def test_grpo_script_pattern_problem_solution_rows_and_trl_rewards(tiny_model_di
     trainer = GRPOTrainer(model=model_args.model_name_or_path, args=args, reward_funcs=[think_format_reward,
                           accuracy_reward], train_dataset=dataset["train"], quantization_config=None,
                           peft_config=get_peft_config(model_args))
-    trainer.train()
+    with caplog.at_level(logging.INFO, logger="vlmalign.trainers.grpo"):
+        trainer.train()
+    printed = [r.getMessage() for r in caplog.records if " completion " in r.getMessage()]
+    assert len(printed) == 2                                        # num_completions_to_print
     log = next(log for log in trainer.state.log_history if "loss" in log)
     assert "rewards/think_format_reward/mean" in log and "rewards/accuracy_reward/mean" in log
     assert os.path.isfile(os.path.join(args.output_dir, "completions.jsonl"))
@@ -281,3 +285,15 @@ def test_cli_maps_problem_solution_rows_to_prompts(tiny_model_dir, r1_folder, tm
     with pytest.raises(ValueError, match="prompt_column 'question' is not a column"):
         script.prompt_column = "question"
         load_training_data(script)
+
+
+def test_sft_shuffle_dataset_and_trust_remote_code(tiny_model_dir, tmp_path):
+    rows = [{"messages": [_turn("user", f"Say {i}"), _turn("assistant", str(i))]} for i in range(8)]
+    args = SFTConfig(output_dir=str(tmp_path), shuffle_dataset=True, seed=3, trust_remote_code=True, max_steps=1)
+    assert args.model_init_kwargs == {"trust_remote_code": True}
+    trainer = SFTTrainer(model=str(tiny_model_dir("qwen2_vl")), args=args, train_dataset=rows)
+    order = [trainer.train_dataset[i]["messages"][1]["content"][0]["text"] for i in range(8)]
+    import random
+    expected = list(range(8))
+    random.Random(3).shuffle(expected)                              # shuffled once, seeded by `seed`
+    assert order == [str(i) for i in expected]
