@@ -105,7 +105,8 @@ What vlmalign provides under TRL's names:
   `get_kbit_device_map` (`vlmalign/scripts_utils.py`). `--config file.yaml` sets defaults, the command line
   overrides them, `env:` sets environment variables, unknown keys raise. Differences: `lora_target_modules` drops
   stray commas (TRL's docstrings write `--lora_target_modules "q_proj", "v_proj"`, which passes `q_proj,`);
-  `lora_target_modules` unset picks the language model's linear layers; `get_quantization_config` raises, saying
+  `lora_target_modules` unset or `all-linear` picks the language model's linear layers (PEFT's `all-linear` also
+  wraps the vision tower: set `lora_include_vision=True` for that); `get_quantization_config` raises, saying
   why, where bitsandbytes or CUDA is missing (TRL fails later inside bitsandbytes).
 * `vlmalign.rewards`: `accuracy_reward`, `reasoning_accuracy_reward`, `get_cosine_scaled_reward`,
   `think_format_reward`, `get_soft_overlong_punishment`, `get_repetition_penalty_reward`, with TRL's signatures

@@ -71,12 +71,12 @@ DPO = {
     "ref_model_sync_steps": ("refused", "only used with sync_ref_model, which is not implemented; leave it at 512."),
 }
 GRPO = {
-    "cast_lm_head_to_fp32": ("refused", "not implemented; vlmalign computes log-probs in float32 from the hidden "
-                             "states already (vlmalign.losses.logprobs)."),
+    "cast_lm_head_to_fp32": ("refused", "not implemented: the LM head projects in its own dtype; vlmalign then "
+                             "takes the log-softmax in float32 (vlmalign.losses.logprobs). Leave it False."),
     "num_generations_eval": ("refused", "evaluation uses num_generations completions per prompt; leave "
                              "num_generations_eval unset."),
-    "ds3_gather_for_generation": ("refused", "generation under ZeRO-3 always gathers the weights in vlmalign; "
-                                  "False is not implemented."),
+    "ds3_gather_for_generation": ("refused", "vlmalign has no switch for how ZeRO-3 weights are gathered for "
+                                  "generation (it generates through the wrapped model); leave it at True."),
     "generation_kwargs": ("refused", "use the sampling fields temperature, top_p, top_k, min_p, "
                           "repetition_penalty and max_completion_length; other generate() kwargs are not passed."),
     "chat_template_kwargs": ("refused", "the chat template is applied with the processor's defaults; extra "
