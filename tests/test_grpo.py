@@ -272,7 +272,8 @@ def _full_logits_logps(model, batch, completion_ids, temperature=1.0):
 
 @pytest.mark.parametrize("loss_type, level, mask_truncated", [
     ("dapo", "token", False), ("grpo", "sequence", False), ("bnpo", "sequence_token", True),
-    ("dr_grpo", "token", False),
+    ("dr_grpo", "token", False), ("cispo", "token", False), ("sapo", "sequence", False), ("luspo", "sequence", False),
+    ("vespo", "token", True),
 ])
 def test_loss_on_buffered_micro_batch_matches_independent_computation(tiny_model_dir, tmp_path, loss_type, level,
                                                                       mask_truncated):
@@ -312,7 +313,8 @@ def test_loss_on_buffered_micro_batch_matches_independent_computation(tiny_model
     expected, metrics = policy_loss(
         logps, micro["old_logps"], micro["advantages"], micro["loss_mask"], epsilon_low=0.2,
         importance_sampling_level=level, loss_type=loss_type, beta=0.04, ref_logps=micro["ref_logps"],
-        max_completion_length=8, num_items_in_batch=batch.loss_mask.sum() / 2)   # whole generation batch / spg
+        max_completion_length=8, num_items_in_batch=batch.loss_mask.sum() / 2,   # whole generation batch / spg
+        kl_importance_correction=True)   # GRPOConfig.use_bias_correction_kl, TRL's default
     assert metrics["kl"] > 0
     assert torch.allclose(loss, expected, atol=1e-5), (loss.item(), expected.item())
 

@@ -8,6 +8,10 @@ _LAZY = {
     "GRPOConfig": "vlmalign.trainers.grpo", "GRPOTrainer": "vlmalign.trainers.grpo",
     "make_tiny_model": "vlmalign.models.tiny", "load_processor": "vlmalign.models.loading",
     "make_dataset": "vlmalign.data.synthetic", "evaluate": "vlmalign.eval.evaluate",
+    # TRL's script helpers (a TRL script runs after changing its `from trl import ...` lines)
+    "TrlParser": "vlmalign.scripts_utils", "ScriptArguments": "vlmalign.scripts_utils",
+    "ModelConfig": "vlmalign.scripts_utils", "get_peft_config": "vlmalign.scripts_utils",
+    "get_quantization_config": "vlmalign.scripts_utils", "get_kbit_device_map": "vlmalign.scripts_utils",
 }
 
 __all__ = list(_LAZY)

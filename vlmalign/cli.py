@@ -41,6 +41,11 @@ class ScriptArguments:
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all parameters."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    prompt_column: str | None = field(default=None, metadata={"help": "GRPO/GSPO: build the conversational "
+                                      "`prompt` from this text column (e.g. 'problem' for problem/solution datasets "
+                                      "such as multimodal-open-r1); the row's image is put before the text."})
+    system_prompt: str | None = field(default=None, metadata={"help": "With prompt_column: a system turn put "
+                                      "first (e.g. the <think>/<answer> format instruction)."})
 
 
 def _method(name: str):
@@ -140,6 +145,10 @@ def load_training_data(script_args: ScriptArguments):
 
     train = load_dataset_any(script_args.dataset, script_args.dataset_split)
     evaluation = load_dataset_any(script_args.eval_dataset, script_args.eval_split) if script_args.eval_dataset else None
+    if script_args.prompt_column:
+        from .data.prompts import prompts_from_column
+        train, evaluation = (prompts_from_column(d, script_args.prompt_column, script_args.system_prompt, name=n)
+                             if d is not None else None for d, n in ((train, "dataset"), (evaluation, "eval_dataset")))
     return train, evaluation
 
 

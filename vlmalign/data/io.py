@@ -6,8 +6,10 @@
    default ``"train"``);
 2. a folder holding ``data.jsonl`` (as written by ``save_dataset(..., fmt="jsonl")``), or one sub-folder per
    split each holding ``data.jsonl``;
-3. a ``.json``, ``.jsonl`` or ``.parquet`` file;
-4. otherwise a Hugging Face Hub dataset, ``name`` or ``name:split``.
+3. a folder laid out like a Hub dataset (``data/train-*.parquet``, ``data/test-*.parquet``; splits inferred by
+   ``datasets.load_dataset``);
+4. a ``.json``, ``.jsonl`` or ``.parquet`` file;
+5. otherwise a Hugging Face Hub dataset, ``name`` or ``name:split``.
 
 In JSON and Parquet files, the ``image`` and ``images`` columns may hold image paths (relative to the file's
 folder, or absolute). They are read eagerly and cast to datasets' ``Image`` feature, so rows come back with PIL
@@ -157,8 +159,17 @@ def _load_folder(path: Path, split: str | None) -> datasets.Dataset:
     split_files = {child.name: child / JSONL_NAME for child in path.iterdir() if (child / JSONL_NAME).is_file()}
     if split_files:
         return _load_file(_pick_split(split_files, split, path))
+    if any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")):
+        return _load_hub_layout(path, split)
     raise FileNotFoundError(
         f"no dataset found in folder {path}: expected a save_to_disk folder or a {JSONL_NAME} file")
+
+
+def _load_hub_layout(path: Path, split: str | None) -> datasets.Dataset:
+    """A folder laid out like a Hub dataset repository (``data/train-00000-of-00001.parquet``,
+    ``train-*.parquet``, ``data/test/*.parquet``, ...): datasets' own split inference reads it."""
+    loaded = datasets.load_dataset(str(path))
+    return _pick_split(loaded, split, path)
 
 
 def _load_file(path: Path) -> datasets.Dataset:

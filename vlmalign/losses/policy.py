@@ -25,14 +25,18 @@ Not done here, by design:
 * Entropy (bonus, masks, metrics) is computed elsewhere (see ``logprobs.token_logprobs_from_hidden``).
 * Division by gradient-accumulation steps and cross-process averaging are the trainer's job.
 
-Deviation from TRL 1.16: the KL term is the plain k3 estimator. TRL 1.16 multiplies k3 by the importance
-ratio by default (``use_bias_correction_kl=True``); the two agree on-policy (ratio 1).
+KL term: plain k3, or k3 times the importance ratio with ``kl_importance_correction=True`` (TRL 1.16's
+``use_bias_correction_kl``, its default and GRPOConfig's); the two agree on-policy (ratio 1).
+
+Other loss types (``cispo``, ``sapo``, ``luspo``, ``vespo``): per-token formulas in :mod:`.policy_variants`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import policy_variants as variants
 
 __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -43,7 +47,9 @@ __all__ = [
 ]
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
-POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+POLICY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+#: loss types normalised by the active tokens of the whole generation batch (as dapo)
+TOKEN_NORMALISED_LOSS_TYPES = ("dapo", "cispo", "vespo")
 
 
 def _masked_sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -105,7 +111,7 @@ def _aggregate(
 ) -> Tensor:  # []
     """Reduce the per-token loss according to ``loss_type`` (see :func:`policy_loss`)."""
     masked_sum = (per_token_loss * mask).sum()
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return _masked_sequence_mean(per_token_loss, mask).mean()
     if loss_type == "bnpo":
         return masked_sum / mask.sum().clamp(min=1.0)
@@ -113,7 +119,9 @@ def _aggregate(
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' needs max_completion_length")
         return masked_sum / (per_token_loss.shape[0] * max_completion_length)
-    if loss_type == "dapo":
+    if loss_type == "luspo":  # per-sequence sum (the sequence loss times its length), mean over sequences
+        return (per_token_loss * mask).sum(-1).mean()
+    if loss_type in TOKEN_NORMALISED_LOSS_TYPES:
         if num_items_in_batch is None:
             num_items_in_batch = mask.sum()
         denom = torch.as_tensor(num_items_in_batch, dtype=masked_sum.dtype, device=masked_sum.device)
@@ -136,6 +144,10 @@ def policy_loss(
     ref_logps: Tensor | None = None,  # [B, T]
     max_completion_length: int | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
+    kl_importance_correction: bool = False,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective of GRPO / GSPO (PPO clip, arXiv 1707.06347; GRPO, arXiv 2402.03300;
     GSPO, arXiv 2507.18071).
@@ -152,6 +164,8 @@ def policy_loss(
       paper setting);
     * ``bnpo``: ``sum m l / sum m`` over this (micro-)batch;
     * ``dr_grpo``: ``sum m l / (B * max_completion_length)`` (Dr. GRPO, arXiv 2503.20783);
+    * ``sapo``: as ``grpo``; ``luspo``: ``mean_i [sum_t m l]`` (LUSPO, sequence loss times its length);
+      ``cispo`` and ``vespo``: as ``dapo``;
     * ``dapo``: ``sum m l / num_items_in_batch`` (DAPO token-level mean, arXiv 2503.14476), where the trainer
       passes the active-token count of the whole generation batch across processes (scaled as its
       gradient averaging requires; TRL passes ``num_items / num_processes * GA / steps_per_generation``);
@@ -181,14 +195,22 @@ def policy_loss(
 
     ratio = importance_weights(logps, old_logps, mask, importance_sampling_level)  # [B, T]
     clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)  # [B, T]
-    unclipped_ratio = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [B, T]
-    per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)  # [B, T]
+    if loss_type == "cispo":
+        per_token_loss = variants.cispo_token_loss(ratio, logps, advantages, epsilon_high)
+    elif loss_type == "sapo":
+        per_token_loss = variants.sapo_token_loss(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
+    elif loss_type == "vespo":
+        per_token_loss = variants.vespo_token_loss(logps, old_logps, mask, advantages, *vespo_params)
+    else:
+        unclipped_ratio = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [B, T]
+        per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)  # [B, T]
 
     metrics: dict[str, Tensor] = {}
     if ref_logps is not None:
         kl = k3_kl(logps, ref_logps.detach())  # [B, T]
         if beta > 0:
-            per_token_loss = per_token_loss + beta * kl
+            # TRL's use_bias_correction_kl: weight k3 by the importance ratio (equal to plain k3 on-policy)
+            per_token_loss = per_token_loss + beta * (kl * ratio if kl_importance_correction else kl)
         metrics["kl"] = _masked_mean(kl.detach(), mask)
 
     loss = _aggregate(per_token_loss, mask, loss_type, max_completion_length, num_items_in_batch)

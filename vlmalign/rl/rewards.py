@@ -129,7 +129,7 @@ def _parse_math(text: str, parsing_timeout: int | None) -> tuple:
 def _accuracy(completion: Any, solution: Any) -> float | None:
     if solution is None or not str(solution).strip():
         return None
-    gold_text = str(solution)
+    gold_text = extract_answer(str(solution)).strip()  # tagged solutions ("<answer> 7 </answer>") compare by content
     answer = extract_answer(_completion_text(completion))
     parsing_timeout, verify_timeout = _math_timeouts()
     gold = _parse_math(gold_text, parsing_timeout)
@@ -147,7 +147,7 @@ def accuracy_reward(prompts=None, completions=None, completion_ids=None, solutio
     """1.0 if the answer matches the ``solution`` column, 0.0 if not, None if the row has no solution.
 
     The answer is the content of the last ``<answer>...</answer>`` block, or the whole completion if there is
-    none. If the solution parses as math with ``math_verify.parse`` (``"0.5"``, ``"\\frac{1}{2}"``, ``"x = 3"``),
+    none; the same holds for the solution (datasets such as multimodal-open-r1 tag it). If the solution parses as math with ``math_verify.parse`` (``"0.5"``, ``"\\frac{1}{2}"``, ``"x = 3"``),
     the answer is parsed too and compared with ``math_verify.verify`` (so ``"1/2"`` matches ``"0.5"``). Otherwise
     (``"red"``, ``"(B)"``) the two are compared exactly after strip + casefold + whitespace collapsing.
     Works on any thread (see ``_math_timeouts``).

@@ -28,9 +28,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determ
 
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
+from ..data.sources import shuffled, source_rows
 from ..models.families import Family, get_family
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
+from ..models.quantization import check_quantized_loading
 from . import checkpoint as ckpt
 from . import run_dir as runs
 from .config_check import check_field_types
@@ -71,7 +73,7 @@ class BaseConfig(TrainingArguments):
     # Defaults that differ from TrainingArguments
     logging_steps: float = 10
     report_to: None | str | list[str] = "none"
-    remove_unused_columns: bool = False
+    remove_unused_columns: bool = False  # SFTConfig / DPOConfig: True, as in TRL (data/sources.py says what it does)
     save_only_model: bool = False
 
     def __post_init__(self):
@@ -79,6 +81,8 @@ class BaseConfig(TrainingArguments):
             import json
             self.model_init_kwargs = json.loads(self.model_init_kwargs)
         check_field_types(self)  # a wrong type stops here, naming the field, not deep inside training
+        if getattr(self, "trust_remote_code", False):  # TRL's field (trl_fields.py): model and processor
+            self.model_init_kwargs = {**(self.model_init_kwargs or {}), "trust_remote_code": True}
         if self.truncation_policy not in ("drop", "raise"):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
@@ -113,7 +117,13 @@ def lora_target_modules(model: torch.nn.Module, family: Family, include_vision: 
 
 def prepare_model(model, args: BaseConfig, peft_config=None) -> tuple[torch.nn.Module, Family]:
     """Load (if a path), freeze what is asked, disable dropout, wrap with PEFT."""
-    model = load_model(model, **(args.model_init_kwargs or {}))
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if isinstance(model, (str, Path)):
+        check_quantized_loading(init_kwargs.get("quantization_config"), peft_config is not None)
+    elif init_kwargs.get("quantization_config") is not None:
+        raise ValueError("model_init_kwargs['quantization_config'] applies only when the model is given as a path; "
+                         "this model is already loaded")
+    model = load_model(model, **init_kwargs)
     family = get_family(model)
     if args.disable_dropout:
         _disable_dropout(model)
@@ -203,8 +213,11 @@ class VLMTrainer(MetricsMixin, Trainer):
         processing_class=None,
         peft_config=None,
         callbacks=None,
+        quantization_config=None,
         **kwargs: Any,
     ):
+        if quantization_config is not None:  # TRL's GRPOTrainer keyword: load the model (a path) quantized
+            args.model_init_kwargs = {**(args.model_init_kwargs or {}), "quantization_config": quantization_config}
         model_path = model if isinstance(model, (str, Path)) else getattr(model, "name_or_path", None)
         # Seed before anything random is built (LoRA adapters' initialisation), as Trainer seeds itself later:
         # otherwise two runs of one config in a process start from different adapters.
@@ -218,11 +231,20 @@ class VLMTrainer(MetricsMixin, Trainer):
         self.encoder = Encoder(processing_class, self.family, self.family.image_token_id(unwrap_model(model)))
         prep = dict(max_length=args.max_length, truncation_policy=args.truncation_policy,
                     max_image_pixels=args.max_image_pixels)
-        train_dataset = prepare_rows(train_dataset, self.data_kind, self.encoder, name="train_dataset", **prep)
+        rows_needed = self._stream_rows_needed(args)
+
+        def prepare(dataset, name):
+            dataset = source_rows(dataset, self.data_kind, name=name, rows_needed=rows_needed,
+                                  remove_unused_columns=bool(args.remove_unused_columns))
+            if name == "train_dataset" and self.data_kind == "sft" and getattr(args, "shuffle_dataset", False):
+                dataset = shuffled(dataset, args.seed)  # SFTConfig.shuffle_dataset: once, before training (TRL)
+            return prepare_rows(dataset, self.data_kind, self.encoder, name=name, **prep)
+
+        train_dataset = prepare(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {k: prepare_rows(v, self.data_kind, self.encoder, name=k, **prep) for k, v in eval_dataset.items()}
+            eval_dataset = {k: prepare(v, k) for k, v in eval_dataset.items()}
         else:
-            eval_dataset = prepare_rows(eval_dataset, self.data_kind, self.encoder, name="eval_dataset", **prep)
+            eval_dataset = prepare(eval_dataset, "eval_dataset")
         self._init_metrics()
         self._guard = NonFiniteGuard(getattr(args, "nonfinite_policy", "raise"))
         self._guard_checked, self._guard_verdict = False, None
@@ -242,6 +264,21 @@ class VLMTrainer(MetricsMixin, Trainer):
 
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @staticmethod
+    def _stream_rows_needed(args) -> int | None:
+        """Rows a streaming train dataset must yield: max_steps x the global batch (None without max_steps)."""
+        if args.max_steps is None or args.max_steps <= 0:
+            return None
+        return args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+
+    # remove_unused_columns is applied to the user's columns before validation (data/sources.py); the rows the
+    # collators receive are vlmalign's normalised rows, which Trainer's signature-based removal must not touch.
+    def _remove_unused_columns(self, dataset, description=None):
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description=None):
+        return data_collator
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)

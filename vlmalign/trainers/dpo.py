@@ -20,6 +20,7 @@ from ..data.collate import PreferenceCollator
 from ..data.formats import _column_names
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from .base import BaseConfig, VLMTrainer
+from .trl_fields import DPOTrlFields, check_trl_arguments
 from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_reference_model,
                         precompute_reference_logps, reference_logps)
 
@@ -28,6 +29,8 @@ MPO_PRESET = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8,
 
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 logger = logging.getLogger(__name__)
+#: TRL 1.16 DPO loss types without a vlmalign implementation (refused by name)
+TRL_ONLY_LOSSES = ("aot", "aot_unpaired", "sigmoid_norm")
 
 
 def _split(value) -> list[str]:
@@ -36,12 +39,12 @@ def _split(value) -> list[str]:
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(BaseConfig, DPOTrlFields):
     """Configuration of `DPOTrainer` (a `transformers.TrainingArguments`). MPO: `DPOConfig(**MPO_PRESET, ...)`."""
 
     beta: float = field(default=0.1, metadata={"help": "Temperature of the implicit reward beta * log(pi/pi_ref) "
                         "(IPO's tau). Higher keeps the policy closer to the reference."})
-    loss_type: list[str] | str = field(default="sigmoid", metadata={"help": "Loss name(s) of "
+    loss_type: list[str] | str = field(default_factory=lambda: ["sigmoid"], metadata={"help": "Loss name(s) of "
                                        "vlmalign.losses.preference.PREFERENCE_LOSSES: a list, a name, or "
                                        "comma-separated names (e.g. 'sigmoid,bco_pair,sft' = MPO with its weights)."})
     loss_weights: list[float] | None = field(default=None, metadata={"help": "One weight per loss_type "
@@ -62,10 +65,19 @@ class DPOConfig(BaseConfig):
                                 "chosen and rejected answers (policy and reference passes); same values and "
                                 "gradients as repeating the prompt."})
     learning_rate: float = 1e-6
+    remove_unused_columns: bool = True
 
     def __post_init__(self):
+        check_trl_arguments(self)
+        self._check_dpo_arguments()
+        if self.loss_type is None:  # a parser or YAML that leaves the field unset: TRL's default
+            self.loss_type = ["sigmoid"]
         self.loss_type = _split(self.loss_type)  # "a,b", ["a", "b"] and the CLI's ["a,b"] all become ["a", "b"]
         unknown = [t for t in self.loss_type if t not in PREFERENCE_LOSSES]
+        not_here = [t for t in unknown if t in TRL_ONLY_LOSSES]
+        if not_here:
+            raise ValueError(f"loss_type {not_here} (TRL 1.16) is not implemented in vlmalign; implemented: "
+                             f"{sorted(PREFERENCE_LOSSES)}")
         if not self.loss_type or unknown:
             raise ValueError(f"unknown loss_type {unknown or self.loss_type}; valid: {sorted(PREFERENCE_LOSSES)}")
         if self.loss_weights is not None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 
-from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, policy_loss
+from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, TOKEN_NORMALISED_LOSS_TYPES, policy_loss
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
@@ -48,6 +48,7 @@ from ..rl.rewards import compute_rewards, get_reward_function, reward_function_n
 from ..rl.rollout import SamplingConfig
 from ..rl.sampling import derive_seed, sample_completions
 from .base import BaseConfig, VLMTrainer
+from .trl_fields import GRPOTrlFields, check_trl_arguments
 from .reference import make_reference_model, reference_forward
 
 #: GSPO (Zheng et al. 2025, arXiv 2507.18071) as in TRL's paper index; also set steps_per_generation to
@@ -60,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(BaseConfig):
+class GRPOConfig(BaseConfig, GRPOTrlFields):
     """Configuration of `GRPOTrainer` (a `transformers.TrainingArguments`); defaults are TRL 1.16's."""
 
     learning_rate: float = 1e-6
@@ -103,6 +104,9 @@ class GRPOConfig(BaseConfig):
     ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self):
+        check_trl_arguments(self)
+        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
+            self.scale_rewards = self.scale_rewards.lower() == "true"   # `--scale_rewards False` on a command line
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         super().__post_init__()
@@ -300,6 +304,9 @@ class GRPOTrainer(VLMTrainer):
                 and self.state.global_step % args.completions_log_steps == 0):
             write_completions_log(f"{args.output_dir}/completions.jsonl", self.state.global_step, all_rows,
                                   all_texts, per_func, self.reward_func_names, total, advantages)
+            for i in range(min(args.num_completions_to_print or 0, len(all_texts))):  # TRL's option: print some
+                logger.info("step %d completion %d (reward %.4g, advantage %.4g): %r", self.state.global_step, i,
+                            float(total[i]), float(advantages[i]), all_texts[i])
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
                                num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups)
@@ -345,8 +352,11 @@ class GRPOTrainer(VLMTrainer):
             logps, old, inputs["advantages"], inputs["loss_mask"], epsilon_low=args.epsilon,
             epsilon_high=args.epsilon_high, delta=args.delta, importance_sampling_level=args.importance_sampling_level,
             loss_type=args.loss_type, beta=args.beta, ref_logps=inputs["ref_logps"],
-            max_completion_length=args.max_completion_length, num_items_in_batch=normalizer)
-        if args.loss_type != "dapo":
+            max_completion_length=args.max_completion_length, num_items_in_batch=normalizer,
+            kl_importance_correction=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
+            sapo_temperature_neg=args.sapo_temperature_neg,
+            vespo_params=(args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg))
+        if args.loss_type not in TOKEN_NORMALISED_LOSS_TYPES:
             loss = loss / ga
         maskf = mask.to(entropy.dtype)
         metrics["entropy"] = (entropy.detach() * maskf).sum() / maskf.sum().clamp(min=1)

@@ -14,13 +14,21 @@ import torch
 from ..data.collate import SFTCollator
 from ..models.forward import token_logps
 from .base import BaseConfig, VLMTrainer
+from .trl_fields import SFTTrlFields, check_trl_arguments
 
 
 @dataclass
-class SFTConfig(BaseConfig):
-    """Configuration of `SFTTrainer` (a `transformers.TrainingArguments`)."""
+class SFTConfig(BaseConfig, SFTTrlFields):
+    """Configuration of `SFTTrainer` (a `transformers.TrainingArguments`); TRL 1.16's SFTConfig arguments are all
+    accepted (trl_fields.py; docs/trl-compatibility.md)."""
 
     learning_rate: float = 2e-5
+    remove_unused_columns: bool = True
+
+    def __post_init__(self):
+        check_trl_arguments(self)
+        self._check_sft_arguments()
+        super().__post_init__()
 
 
 class SFTTrainer(VLMTrainer):
