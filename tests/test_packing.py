@@ -17,6 +17,7 @@ from vlmalign.models.forward import token_logps
 from vlmalign.models.packing import pack_rows, packed_attention, packed_score_mask
 
 RTOL = 1e-5
+PACKABLE = [f for f in FAMILIES if get_family(f).packing]
 ANSWERS = ["red", "two shapes , one blue and one green , both small", "one two three"]
 
 
@@ -34,7 +35,7 @@ def _packed_logps(model, packed):
     return logps, entropy, hits, mask
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKABLE)
 def test_packed_logps_and_gradients_equal_padded(built, family):
     model, encoder = built(family)
     model.train()
@@ -92,3 +93,10 @@ def test_rows_do_not_attend_to_each_other(built):
         after = _packed_logps(model, changed)[0][0]
     assert torch.equal(after[:bounds[-2]], before[:bounds[-2]])
     assert not torch.equal(after[bounds[-2]:], before[bounds[-2]:])
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(PACKABLE)))
+def test_unpackable_family_is_refused_by_name(built, family):
+    model, encoder = built(family)
+    with pytest.raises(ValueError, match=f"family {family} "):
+        pack_rows(model, _batch(encoder))

@@ -14,10 +14,10 @@ tensors; either padding side) and returns its packed form:
   installed) give the row boundaries.
 
 Attention stays inside each row: `packed_attention(model)` switches the language model to the attention function
-registered here, which runs SDPA row by row on the [1, L] tensors (causal inside the row; no L x L mask, so the
-attention costs sum(len_i^2) like a padded batch without its padding). Families whose language model needs its own
-4-D mask (Gemma3: bidirectional attention inside an image, sliding windows; `Family.packed_needs_mask`) get the
-model's packed mask (transformers builds it block-diagonal from the restarting positions) sliced per row.
+registered here, which runs SDPA row by row on the [1, L] tensors (causal inside the row; no L x L mask is built,
+so the attention costs sum(len_i^2) like a padded batch without its padding). Families whose attention inside a row
+is more than causal (Gemma3's bidirectional image blocks; `Family.packing` False) are not packed:
+`packing_unsupported` says why, and the callers run the padded batch.
 
 Log-probs of the packed batch equal the padded batch's (tests/test_packing.py): a row's first token is never scored
 (the previous position belongs to another row).
@@ -30,14 +30,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from .families import get_family
 from .forward import unwrap_model
 
 PACKED_ATTENTION = "vlmalign_packed_sdpa"
-PACKED_ATTENTION_MASKED = "vlmalign_packed_sdpa_masked"
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -60,9 +58,15 @@ def rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     return torch.cat(outputs, dim=1), None
 
 
-AttentionInterface.register(PACKED_ATTENTION, rowwise_sdpa)           # no mask registered: the model builds none
-AttentionInterface.register(PACKED_ATTENTION_MASKED, rowwise_sdpa)
-AttentionMaskInterface.register(PACKED_ATTENTION_MASKED, sdpa_mask)
+AttentionInterface.register(PACKED_ATTENTION, rowwise_sdpa)           # no mask function registered: none is built
+
+
+def packing_unsupported(model: nn.Module) -> str | None:
+    """Why the rows of a batch cannot be packed for this model (None when they can)."""
+    family = get_family(unwrap_model(model))
+    if not family.packing:
+        return f"family {family.name} attends beyond causal inside a row (not packed)"
+    return None
 
 
 @contextmanager
@@ -74,7 +78,7 @@ def packed_attention(model: nn.Module):
     if previous not in (None, "sdpa", "eager"):              # e.g. flash_attention_2: varlen by itself
         yield
         return
-    config._attn_implementation = PACKED_ATTENTION_MASKED if get_family(base).packed_needs_mask else PACKED_ATTENTION
+    config._attn_implementation = PACKED_ATTENTION
     try:
         yield
     finally:
@@ -94,6 +98,9 @@ def pack_rows(model: nn.Module, batch: dict) -> dict:
     unknown (so nothing is dropped silently)."""
     base = unwrap_model(model)
     family = get_family(base)
+    reason = packing_unsupported(base)
+    if reason is not None:
+        raise ValueError(reason)
     ids, real = batch["input_ids"], batch["attention_mask"].bool()
     rows, length = ids.shape
     lengths = real.sum(dim=1)
