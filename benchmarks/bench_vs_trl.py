@@ -8,6 +8,8 @@ Setup (identical for both libraries unless noted):
   `processing_class` (its `AutoProcessor` route needs torchvision, absent here), left-padded for GRPO as TRL asks.
 * data: vlmalign's synthetic `color` task (same rows, same 224 px images) with the assistant answers replaced by
   exactly `--completion-length` (64) tokens of task words, so SFT / DPO / MPO train on 64-token answers.
+* SFTVAR: SFT on answers of 8-256 tokens (uniform, seeded; the same rows for both); vlmalign with
+  `padding_free=True` (the rows of each batch packed into one sequence), TRL with its defaults (padded batch).
 * GRPO / GSPO: G = `--generations` (8) completions per prompt, `--prompts` (2) prompts per generation batch, every
   completion exactly 64 tokens: `min_new_tokens = max_new_tokens = 64`, so the end-of-turn token cannot end a
   completion early. vlmalign has no generation-kwargs option: the saved model's `generation_config.json` carries
@@ -63,7 +65,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_shared_prefix import MMAP_ENV, _status_kb  # noqa: E402
 
-METHODS = ("sft", "dpo", "mpo", "grpo", "gspo")
+METHODS = ("sft", "sftvar", "dpo", "mpo", "grpo", "gspo")
+VARLEN = (8, 256)   # sftvar: answer lengths drawn uniformly in this range (tokens)
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GSPO_STEPS_PER_GENERATION = 4
 
@@ -127,14 +130,15 @@ def make_rows(kind: str, n: int, length: int, tokenizer, seed: int = 0):
 
     from vlmalign.data.synthetic import TASK_WORDS, make_dataset
 
-    fmt = {"sft": "sft", "dpo": "preference", "mpo": "preference"}.get(kind, "prompt")
+    fmt = {"sft": "sft", "sftvar": "sft", "dpo": "preference", "mpo": "preference"}.get(kind, "prompt")
     data = make_dataset("color", fmt, n=n, seed=seed, image_size=224)
     words = [w for w in TASK_WORDS if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
     rng = random.Random(seed)
 
     def answer():
-        text = answer_text(rng, words, length)
-        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == length
+        n = rng.randint(*VARLEN) if kind == "sftvar" else length
+        text = answer_text(rng, words, n)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n
         return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
     if fmt == "sft":
@@ -173,11 +177,12 @@ def build_trainer(lib: str, method: str, cfg: dict, model_dir: str, out_dir: str
     cycle = GSPO_STEPS_PER_GENERATION if method == "gspo" else 1
     n_rows = (cfg["prompts"] if rl else cfg["batch"]) * steps * 2
     data = make_rows(method, n_rows, C, processor.tokenizer)
-    if method == "sft":
+    if method in ("sft", "sftvar"):
         common.update(per_device_train_batch_size=cfg["batch"], max_steps=steps)
         if lib == "vlmalign":
             from vlmalign.trainers.sft import SFTConfig, SFTTrainer
-            trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common), train_dataset=data,
+            packing = dict(padding_free=True) if method == "sftvar" else {}
+            trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common, **packing), train_dataset=data,
                                  processing_class=processor, **peft)
         else:
             import trl
@@ -406,8 +411,9 @@ def render(rows: list[dict], skipped: dict, cfg: dict, command: str, header: str
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         v, t = row["vlmalign"], row["trl"]
-        name = row["method"].upper() + (f" (cycle of {GSPO_STEPS_PER_GENERATION} steps)"
-                                        if row["method"] == "gspo" else "")
+        name = row["method"].upper() + {"gspo": f" (cycle of {GSPO_STEPS_PER_GENERATION} steps)",
+                                        "sftvar": f" (answers {VARLEN[0]}-{VARLEN[1]} tokens; vlmalign padding_free)"
+                                        }.get(row["method"], "")
         lines.append(f"| {name} | {v['wall']:.2f} | {t['wall']:.2f} | {fmt_ratio(t['wall'], v['wall'])} | "
                      f"{v['cpu']:.2f} / {t['cpu']:.2f} | {fmt_ratio(t['cpu'], v['cpu'])} | "
                      f"{v['peak']:.0f} / {t['peak']:.0f} | {fmt_ratio(v['peak'], t['peak'])} | "
@@ -448,7 +454,11 @@ def render(rows: list[dict], skipped: dict, cfg: dict, command: str, header: str
               target("GRPO whole step speed-up", "grpo", ratio("grpo", "wall"), 2.0),
               target("DPO step speed-up", "dpo", ratio("dpo", "wall"), preference_goal),
               target("MPO step speed-up", "mpo", ratio("mpo", "wall"), preference_goal),
-              target("SFT step speed-up", "sft", ratio("sft", "wall"), 1.0)]
+              target("SFT step speed-up", "sft", ratio("sft", "wall"), 1.0),
+              target("SFT (variable lengths, vlmalign padding_free) step speed-up", "sftvar", ratio("sftvar", "wall"),
+                     1.3),
+              target("SFT (variable lengths) step peak memory", "sftvar", ratio("sftvar", "peak", "vlmalign", "trl"),
+                     0.8, higher=False)]
     if skipped:
         lines += [""] + [f"- {m.upper()} skipped: {why}" for m, why in skipped.items()]
     return "\n".join(lines) + "\n"
