@@ -8,6 +8,8 @@ Setup (identical for both libraries unless noted):
   `processing_class` (its `AutoProcessor` route needs torchvision, absent here), left-padded for GRPO as TRL asks.
 * data: vlmalign's synthetic `color` task (same rows, same 224 px images) with the assistant answers replaced by
   exactly `--completion-length` (64) tokens of task words, so SFT / DPO / MPO train on 64-token answers.
+* SFTVAR: SFT on answers of 8-256 tokens (uniform, seeded; the same rows for both); vlmalign with
+  `padding_free=True` (the rows of each batch packed into one sequence), TRL with its defaults (padded batch).
 * GRPO / GSPO: G = `--generations` (8) completions per prompt, `--prompts` (2) prompts per generation batch, every
   completion exactly 64 tokens: `min_new_tokens = max_new_tokens = 64`, so the end-of-turn token cannot end a
   completion early. vlmalign has no generation-kwargs option: the saved model's `generation_config.json` carries
@@ -19,7 +21,8 @@ Setup (identical for both libraries unless noted):
   steps_per_generation = 4 (the paper's 4 x gradient_accumulation_steps): per_device_train_batch_size 4, so each
   generation batch (the same 2 prompts x 8) feeds 4 optimiser steps and needs the old-policy pass; a GSPO "step"
   below is one such cycle of 4 optimiser steps.
-* both: float32 (TRL's bf16 default off), gradient checkpointing off (TRL turns it on by default), AdamW, no
+* both: float32 (TRL's bf16 default off; `--bf16`: bf16 autocast in both), gradient checkpointing off (TRL turns
+  it on by default; `--gradient-checkpointing` turns it on in both), no LoRA (`--lora`: the same adapters), AdamW, no
   logging or saving during the run, `--threads` torch threads (default 1) in each process, dataloader in the main
   process.
 
@@ -62,7 +65,9 @@ sys.path.insert(0, str(HERE))
 
 from bench_shared_prefix import MMAP_ENV, _status_kb  # noqa: E402
 
-METHODS = ("sft", "dpo", "mpo", "grpo", "gspo")
+METHODS = ("sft", "sftvar", "dpo", "mpo", "grpo", "gspo")
+VARLEN = (8, 256)   # sftvar: answer lengths drawn uniformly in this range (tokens)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 GSPO_STEPS_PER_GENERATION = 4
 
 
@@ -125,14 +130,15 @@ def make_rows(kind: str, n: int, length: int, tokenizer, seed: int = 0):
 
     from vlmalign.data.synthetic import TASK_WORDS, make_dataset
 
-    fmt = {"sft": "sft", "dpo": "preference", "mpo": "preference"}.get(kind, "prompt")
+    fmt = {"sft": "sft", "sftvar": "sft", "dpo": "preference", "mpo": "preference"}.get(kind, "prompt")
     data = make_dataset("color", fmt, n=n, seed=seed, image_size=224)
     words = [w for w in TASK_WORDS if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1]
     rng = random.Random(seed)
 
     def answer():
-        text = answer_text(rng, words, length)
-        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == length
+        n = rng.randint(*VARLEN) if kind == "sftvar" else length
+        text = answer_text(rng, words, n)
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n
         return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
     if fmt == "sft":
@@ -159,36 +165,43 @@ def build_trainer(lib: str, method: str, cfg: dict, model_dir: str, out_dir: str
     steps = cfg["warmup"] + cfg["steps"]
     G, C = cfg["generations"], cfg["completion_length"]
     common = dict(output_dir=out_dir, learning_rate=1e-6, logging_steps=10_000, save_strategy="no",
-                  report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0, gradient_checkpointing=False)
-    trl_common = dict(bf16=False)
+                  report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                  gradient_checkpointing=cfg["gradient_checkpointing"], bf16=cfg["bf16"])
+    trl_common = {}
+    if cfg["lora"]:
+        from peft import LoraConfig
+        # the same adapters in both: every Linear of the language model (not the vision tower, not the LM head)
+        common["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    peft = {"peft_config": common.pop("peft_config")} if "peft_config" in common else {}
     rl = method in ("grpo", "gspo")
     cycle = GSPO_STEPS_PER_GENERATION if method == "gspo" else 1
     n_rows = (cfg["prompts"] if rl else cfg["batch"]) * steps * 2
     data = make_rows(method, n_rows, C, processor.tokenizer)
-    if method == "sft":
+    if method in ("sft", "sftvar"):
         common.update(per_device_train_batch_size=cfg["batch"], max_steps=steps)
         if lib == "vlmalign":
             from vlmalign.trainers.sft import SFTConfig, SFTTrainer
-            trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common), train_dataset=data,
-                                 processing_class=processor)
+            packing = dict(padding_free=True) if method == "sftvar" else {}
+            trainer = SFTTrainer(model=model_dir, args=SFTConfig(**common, **packing), train_dataset=data,
+                                 processing_class=processor, **peft)
         else:
             import trl
             trainer = trl.SFTTrainer(model=model_dir, args=trl.SFTConfig(**common, **trl_common,
                                      assistant_only_loss=True, max_length=None),
-                                     train_dataset=data, processing_class=processor)
+                                     train_dataset=data, processing_class=processor, **peft)
     elif method in ("dpo", "mpo"):
         common.update(per_device_train_batch_size=cfg["batch"] // 2, max_steps=steps, beta=0.1)
         if lib == "vlmalign":
             from vlmalign.trainers.dpo import MPO_PRESET, DPOConfig, DPOTrainer
             extra = dict(MPO_PRESET) if method == "mpo" else {}
             trainer = DPOTrainer(model=model_dir, args=DPOConfig(**common, **extra), train_dataset=data,
-                                 processing_class=processor)
+                                 processing_class=processor, **peft)
         else:
             import trl
             extra = dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]) \
                 if method == "mpo" else {}
             trainer = trl.DPOTrainer(model=model_dir, args=trl.DPOConfig(**common, **trl_common, **extra,
-                                     max_length=None), train_dataset=data, processing_class=processor)
+                                     max_length=None), train_dataset=data, processing_class=processor, **peft)
     else:
         per_device = cfg["prompts"] * G // cycle
         common.update(per_device_train_batch_size=per_device, max_steps=steps * cycle, num_generations=G,
@@ -201,21 +214,30 @@ def build_trainer(lib: str, method: str, cfg: dict, model_dir: str, out_dir: str
         if lib == "vlmalign":
             from vlmalign.trainers.grpo import GRPOConfig, GRPOTrainer
             trainer = GRPOTrainer(model=model_dir, reward_funcs=[reward_len], args=GRPOConfig(**common),
-                                  train_dataset=data, processing_class=processor)
+                                  train_dataset=data, processing_class=processor, **peft)
         else:
             import trl
             processor.tokenizer.padding_side = "left"
             trainer = trl.GRPOTrainer(model=model_dir, reward_funcs=[reward_len],
                                       args=trl.GRPOConfig(**common, **trl_common,
                                                           generation_kwargs={"min_new_tokens": C}),
-                                      train_dataset=data, processing_class=processor)
-    base = trainer.model
-    checkpointing = getattr(base, "is_activation_checkpointing", None)
-    if checkpointing is None:
-        checkpointing = getattr(base, "is_gradient_checkpointing", False)
-    assert not checkpointing, f"{lib} {method}: gradient checkpointing is on"
-    assert next(base.parameters()).dtype.is_floating_point and next(base.parameters()).dtype.itemsize == 4
+                                      train_dataset=data, processing_class=processor, **peft)
     return trainer, cycle
+
+
+def check_settings(lib: str, method: str, model, cfg: dict) -> None:
+    """At the start of training (the Trainer turns checkpointing on in `train()`): the asked settings hold."""
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    assert bool(checkpointing) == cfg["gradient_checkpointing"], f"{lib} {method}: gradient checkpointing {checkpointing}"
+    assert hasattr(model, "peft_config") == cfg["lora"], f"{lib} {method}: LoRA {hasattr(model, 'peft_config')}"
+    assert next(model.parameters()).dtype == torch_float32(), f"{lib} {method}: weights {next(model.parameters()).dtype}"
+
+
+def torch_float32():
+    import torch
+    return torch.float32
 
 
 class Timers:
@@ -307,6 +329,7 @@ def worker(lib: str, method: str, cfg: dict, model_dir: str, conn) -> None:
 
         class Gate(TrainerCallback):
             def on_train_begin(self, args, st, control, **kwargs):
+                check_settings(lib, method, trainer.model, cfg)
                 begin(0)
 
             def on_step_end(self, args, st, control, **kwargs):
@@ -388,8 +411,9 @@ def render(rows: list[dict], skipped: dict, cfg: dict, command: str, header: str
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         v, t = row["vlmalign"], row["trl"]
-        name = row["method"].upper() + (f" (cycle of {GSPO_STEPS_PER_GENERATION} steps)"
-                                        if row["method"] == "gspo" else "")
+        name = row["method"].upper() + {"gspo": f" (cycle of {GSPO_STEPS_PER_GENERATION} steps)",
+                                        "sftvar": f" (answers {VARLEN[0]}-{VARLEN[1]} tokens; vlmalign padding_free)"
+                                        }.get(row["method"], "")
         lines.append(f"| {name} | {v['wall']:.2f} | {t['wall']:.2f} | {fmt_ratio(t['wall'], v['wall'])} | "
                      f"{v['cpu']:.2f} / {t['cpu']:.2f} | {fmt_ratio(t['cpu'], v['cpu'])} | "
                      f"{v['peak']:.0f} / {t['peak']:.0f} | {fmt_ratio(v['peak'], t['peak'])} | "
@@ -421,14 +445,20 @@ def render(rows: list[dict], skipped: dict, cfg: dict, command: str, header: str
 
     ratio = lambda m, key, a="trl", b="vlmalign": (by_method[m][a][key] / by_method[m][b][key]  # noqa: E731
                                                   if m in by_method and by_method[m][b][key] > 0 else float("nan"))
-    lines += [target("GRPO training passes speed-up", "grpo", ratio("grpo", "passes"), 3.0),
+    gc_on = cfg.get("gradient_checkpointing", False)
+    passes_goal, preference_goal = (2.5, 1.5) if gc_on else (3.0, 1.6)   # issue 15's targets for each setting
+    lines += [target("GRPO training passes speed-up", "grpo", ratio("grpo", "passes"), passes_goal),
               target("GRPO loss-pass peak memory", "grpo", ratio("grpo", "loss_peak", "vlmalign", "trl"), 0.6,
                      higher=False),
               target("GRPO step peak memory", "grpo", ratio("grpo", "peak", "vlmalign", "trl"), 0.6, higher=False),
               target("GRPO whole step speed-up", "grpo", ratio("grpo", "wall"), 2.0),
-              target("DPO step speed-up", "dpo", ratio("dpo", "wall"), 1.6),
-              target("MPO step speed-up", "mpo", ratio("mpo", "wall"), 1.6),
-              target("SFT step speed-up", "sft", ratio("sft", "wall"), 1.0)]
+              target("DPO step speed-up", "dpo", ratio("dpo", "wall"), preference_goal),
+              target("MPO step speed-up", "mpo", ratio("mpo", "wall"), preference_goal),
+              target("SFT step speed-up", "sft", ratio("sft", "wall"), 1.0),
+              target("SFT (variable lengths, vlmalign padding_free) step speed-up", "sftvar", ratio("sftvar", "wall"),
+                     1.3),
+              target("SFT (variable lengths) step peak memory", "sftvar", ratio("sftvar", "peak", "vlmalign", "trl"),
+                     0.8, higher=False)]
     if skipped:
         lines += [""] + [f"- {m.upper()} skipped: {why}" for m, why in skipped.items()]
     return "\n".join(lines) + "\n"
@@ -445,7 +475,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="SFT rows / DPO sequences (2 x pairs) per step")
     parser.add_argument("--completion-length", type=int, default=64)
     parser.add_argument("--profile", action="store_true", help="cProfile one measured step of each")
-    parser.add_argument("--out", default=str(HERE / "results.md"))
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="both libraries checkpoint layers")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both (float32 weights)")
+    parser.add_argument("--lora", action="store_true", help="the same LoRA adapters (r 16) in both")
+    parser.add_argument("--out", default=None, help="default benchmarks/results[-gc][-bf16][-lora].md")
     args = parser.parse_args()
     command = "python benchmarks/bench_vs_trl.py" + "".join(f" {a}" for a in sys.argv[1:])
     if os.environ.get(MMAP_ENV) is None:                  # see bench_shared_prefix.py (memory method)
@@ -458,7 +491,11 @@ def main() -> None:
         parser.error(f"unknown methods {sorted(unknown)}; valid: {METHODS}")
     cfg = dict(steps=args.steps, warmup=args.warmup, threads=args.threads, generations=args.generations,
                prompts=args.prompts, batch=args.batch, completion_length=args.completion_length,
-               profile=args.profile)
+               profile=args.profile, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+               lora=args.lora)
+    setting = "".join(f"-{name}" for name, on in (("gc", args.gradient_checkpointing), ("bf16", args.bf16),
+                                                   ("lora", args.lora)) if on)
+    out = Path(args.out) if args.out else HERE / f"results{setting}.md"
 
     import torch
     import transformers
@@ -483,7 +520,11 @@ def main() -> None:
         gen = GenerationConfig.from_pretrained(model_dir)
         gen.min_new_tokens = args.completion_length      # equal completion lengths (see the module docstring)
         gen.save_pretrained(model_dir)
-        header = (f"## vlmalign vs TRL {trl.__version__}: small Qwen2-VL (256 image tokens per prompt), CPU float32\n\n"
+        precision = "bf16 autocast (float32 weights)" if args.bf16 else "float32"
+        extras = ", gradient checkpointing on" if args.gradient_checkpointing else ", gradient checkpointing off"
+        extras += ", LoRA r 16 on the language model's linear layers" if args.lora else ""
+        header = (f"## vlmalign vs TRL {trl.__version__}: small Qwen2-VL (256 image tokens per prompt), CPU {precision}"
+                  f"{extras}\n\n"
                   f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} torch "
                   f"thread(s) per process, {os.cpu_count()} cores; median of {args.steps} measured steps after "
                   f"{args.warmup} warm-up, the libraries alternating step by step. GRPO: {args.prompts} prompts x "
@@ -513,8 +554,8 @@ def main() -> None:
                 if row[lib]["profile"]:
                     print(f"\n===== cProfile: {row['method']} / {lib} (one measured step) =====")
                     print(row[lib]["profile"])
-    Path(args.out).write_text(table)
-    print(f"written to {args.out}")
+    out.write_text(table)
+    print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -211,3 +211,34 @@ def test_two_processes_match_one_with_text_only_batches(tiny_model_dir, tmp_path
     assert (a["world_size"], b["world_size"]) == (1, 2)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_padding_free_loss_and_gradients_equal_padded(tiny_model_dir, tmp_path, family, caplog):
+    """`padding_free=True`: the same loss, token accuracy and gradients as the padded batch (rows of different
+    lengths); Gemma3 cannot be packed and runs padded, saying so once."""
+    import logging
+
+    model, processor = _load(tiny_model_dir(family))
+    model.train()
+    data = make_dataset("color", "sft", n=4, seed=1)
+    data = data.map(lambda r, i: {"messages": r["messages"][:1] + [{"role": "assistant", "content": [
+        {"type": "text", "text": r["messages"][1]["content"][0]["text"] + " ." * (3 * i)}]}]}, with_indices=True)
+    results = []
+    for padding_free in (False, True):
+        trainer = SFTTrainer(model=model, args=_config(tmp_path, padding_free=padding_free), train_dataset=data,
+                             processing_class=processor)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert (batch["attention_mask"] == 0).any()
+        model.zero_grad(set_to_none=True)
+        with caplog.at_level(logging.INFO, logger="vlmalign.trainers.sft"):
+            for _ in range(2 if padding_free else 1):
+                loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.detach(), grads, trainer._metrics["train"]["mean_token_accuracy"][-1]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert ((results[1][1] - results[0][1]).norm() / results[0][1].norm()).item() < 1e-5
+    assert results[1][2] == results[0][2]
+    logged = sum("running padded batches" in r.getMessage() for r in caplog.records)
+    assert logged == (1 if family == "gemma3" else 0)

@@ -35,6 +35,10 @@ class Family:
     # The prompt's KV cache can be computed once per group and expanded to the group's completions
     # (`vlmalign.models.shared_prefix`); False makes those paths fall back to repeating the prompt.
     shared_prefix: bool = True
+    # Padding-free packing (`vlmalign.models.packing`, causal attention inside each row). False where the language
+    # model's attention is more than causal (Gemma3: bidirectional inside an image; transformers 5.24 builds that
+    # overlay wrongly for packed rows in its sliding layers): such models run the padded batch instead.
+    packing: bool = True
     notes: str = ""
     # Regex that must match any LoRA target module name that belongs to the language model.
     language_model_pattern: str = r"(^|\.)language_model\."
@@ -138,6 +142,7 @@ register(Family(
     vision_module_patterns=(r"(^|\.)vision_tower\.",),
     projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="<end_of_turn>",
+    packing=False,
 ))
 
 

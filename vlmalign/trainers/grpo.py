@@ -25,7 +25,7 @@ Shared prefix (`shared_prefix=True`, the default): generation prefills each prom
 training pass (policy forward/backward, old-policy and reference log-probs) runs each prompt and its image once for
 the completions of its group (`vlmalign.models.shared_prefix`; same values and gradients as the plain path, which
 repeats the prompt per completion). The buffer then shuffles whole groups (`vlmalign.rl.buffer`). Falls back to
-the plain path by itself where the family does not support it or gradient checkpointing is on.
+the plain path by itself where the family does not support it; works under gradient checkpointing, bf16 and LoRA.
 """
 
 from __future__ import annotations

@@ -3,18 +3,27 @@
 Loss: per-token NLL on assistant (or completion) tokens only, image tokens never, normalised over the whole
 accumulated batch: sum over this micro-batch / (answer tokens in all micro-batches of the optimiser step), so
 batch 8 x accumulation 1 and batch 2 x accumulation 4 give the same loss and update.
+
+Padding-free packing (`padding_free=True`, or `packing=True`: TRL's names; here both pack the rows of each batch,
+never across batches): the batch's rows run as one sequence without padding, attention kept inside each row
+(`vlmalign.models.packing`); the same loss and gradients as the padded batch. Families that cannot be packed run
+padded (logged once).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from ..data.collate import SFTCollator
 from ..models.forward import token_logps
+from ..models.packing import pack_rows, packed_attention, packed_score_mask, packing_unsupported
 from .base import BaseConfig, VLMTrainer
 from .trl_fields import SFTTrlFields, check_trl_arguments
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +32,10 @@ class SFTConfig(BaseConfig, SFTTrlFields):
     accepted (trl_fields.py; docs/trl-compatibility.md)."""
 
     learning_rate: float = 2e-5
+    padding_free: bool = field(default=False, metadata={"help": "Run each batch's rows as one sequence without "
+                               "padding (attention inside each row); same loss as the padded batch."})
+    packing: bool = field(default=False, metadata={"help": "Same as padding_free here: packs the rows of each "
+                          "batch (not across batches as TRL's packing does)."})
     remove_unused_columns: bool = True
 
     def __post_init__(self):
@@ -47,9 +60,19 @@ class SFTTrainer(VLMTrainer):
         return SFTCollator(self.encoder)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        mask = labels != -100                                     # [B, T]
-        logps, _, hits = token_logps(model, inputs, mask)         # [B, T] each
+        if self.args.padding_free or self.args.packing:
+            reason = packing_unsupported(model)
+            if reason is None:
+                packed = pack_rows(model, inputs)                 # [1, L]: the rows without their padding
+                mask = packed_score_mask(packed)
+                with packed_attention(model):
+                    logps, _, hits = token_logps(model, packed, mask)
+            elif not getattr(self, "_packing_logged", False):
+                self._packing_logged = True
+                logger.info("padding_free: %s; running padded batches", reason)
+        if not (self.args.padding_free or self.args.packing) or reason is not None:
+            mask = inputs["labels"] != -100                       # [B, T]
+            logps, _, hits = token_logps(model, inputs, mask)     # [B, T] each
         local_tokens = mask.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
         denominator = torch.as_tensor(denominator, device=logps.device).clamp(min=1)

@@ -48,7 +48,11 @@ SFT = {
     "eos_token": ("refused", "vlmalign ends each assistant turn as the chat template does; set the tokenizer's "
                   "eos_token before creating the trainer instead."),
     "shuffle_dataset": ("acts", "True shuffles the rows once (seeded by `seed`) before training, as TRL does."),
-    "packing": ("packing", _PACKING),
+    "padding_free": ("acts", "The rows of each batch run as one sequence without padding, attention kept inside "
+                     "each row (per-row positions, Qwen's 3-D positions per row); same loss as the padded batch. "
+                     "Gemma 3 runs padded (logged)."),
+    "packing": ("differs", "Packs the rows of each batch into one padding-free sequence (as padding_free); TRL "
+                "packs across the dataset into fixed-length blocks, which would cut rows (and images)."),
     "packing_strategy": ("packing", _PACKING),
     "eval_packing": ("packing", _PACKING),
     "completion_only_loss": ("acts", "None / True: prompt + completion rows train on the completion only (always "

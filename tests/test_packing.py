@@ -1,0 +1,102 @@
+"""Padding-free packing (`vlmalign.models.packing`) equals the padded batch, on every family.
+
+Batch: 3 conversations of different lengths (one with two images, one with one, one text-only), answers of
+different lengths, right-padded by the SFT encoder. The padded forward (`token_logps` on the collator batch) is the
+reference; the packed forward (`pack_rows` + `packed_attention`) must give the same per-token log-probs, entropies
+and gradients (1e-5 relative), keep every image with its row, and attend within rows only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_shared_prefix import FAMILIES, _assert_grads_close, _loss_and_grads, _rows, built  # noqa: F401
+
+from vlmalign.models.families import get_family
+from vlmalign.models.forward import token_logps
+from vlmalign.models.packing import pack_rows, packed_attention, packed_score_mask
+
+RTOL = 1e-5
+PACKABLE = [f for f in FAMILIES if get_family(f).packing]
+ANSWERS = ["red", "two shapes , one blue and one green , both small", "one two three"]
+
+
+def _batch(encoder):
+    rows = _rows()
+    convs = [r["prompt"] + [{"role": "assistant", "content": [{"type": "text", "text": a}]}]
+             for r, a in zip(rows, ANSWERS)]
+    return encoder.encode(convs, [r["images"] for r in rows])
+
+
+def _packed_logps(model, packed):
+    mask = packed_score_mask(packed)
+    with packed_attention(model):
+        logps, entropy, hits = token_logps(model, packed, mask, with_entropy=True)
+    return logps, entropy, hits, mask
+
+
+@pytest.mark.parametrize("family", PACKABLE)
+def test_packed_logps_and_gradients_equal_padded(built, family):
+    model, encoder = built(family)
+    model.train()
+    batch = _batch(encoder)
+    real = batch["attention_mask"].bool()
+    assert (~real).any(), "the batch must hold padding"
+    packed = pack_rows(model, batch)
+    lengths = real.sum(1)
+    assert packed["input_ids"].shape == (1, int(lengths.sum()))
+    assert packed["cu_seq_lens_q"].tolist() == [0, *lengths.cumsum(0).tolist()]
+    assert torch.equal(packed["input_ids"][0], batch["input_ids"][real])
+    # every image stays with its row: the placeholders of row r sit inside row r's span, in the same number
+    image = encoder.image_token_id
+    bounds = packed["cu_seq_lens_q"].tolist()
+    for r in range(len(lengths)):
+        in_span = int((packed["input_ids"][0, bounds[r]:bounds[r + 1]] == image).sum())
+        assert in_span == int((batch["input_ids"][r] == image).sum())
+
+    mask = batch["labels"] != -100
+    out = {}
+
+    def padded_loss():
+        logps, entropy, hits = token_logps(model, batch, mask, with_entropy=True)
+        out["padded"] = (logps[mask].detach(), entropy[mask].detach(), hits[mask])
+        return -(logps * mask).sum() + 0.01 * (entropy * mask).sum()
+
+    def packed_loss():
+        logps, entropy, hits, pmask = _packed_logps(model, packed)
+        out["packed"] = (logps[pmask].detach(), entropy[pmask].detach(), hits[pmask])
+        return -(logps * pmask).sum() + 0.01 * (entropy * pmask).sum()
+
+    loss_padded, grads_padded = _loss_and_grads(model, padded_loss)
+    loss_packed, grads_packed = _loss_and_grads(model, packed_loss)
+    assert out["packed"][0].numel() == int(mask.sum()) > 0
+    torch.testing.assert_close(out["packed"][0], out["padded"][0], rtol=RTOL, atol=1e-5)
+    torch.testing.assert_close(out["packed"][1], out["padded"][1], rtol=RTOL, atol=1e-5)
+    assert torch.equal(out["packed"][2], out["padded"][2])
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=RTOL, atol=1e-6)
+    _assert_grads_close(grads_padded, grads_packed, get_family(model), rtol=RTOL)
+    assert model.config.get_text_config()._attn_implementation == "sdpa", "attention setting not restored"
+
+
+def test_rows_do_not_attend_to_each_other(built):
+    """Changing one row's tokens changes nothing in the other rows' log-probs (and does change its own)."""
+    model, encoder = built("llava_clip")
+    model.eval()
+    batch = _batch(encoder)
+    packed = pack_rows(model, batch)
+    with torch.no_grad():
+        before = _packed_logps(model, packed)[0][0]
+        changed = dict(packed, input_ids=packed["input_ids"].clone())
+        bounds = packed["cu_seq_lens_q"].tolist()
+        last = slice(bounds[-2] + 1, bounds[-1] - 1)
+        changed["input_ids"][0, last] = changed["input_ids"][0, last].flip(0)
+        after = _packed_logps(model, changed)[0][0]
+    assert torch.equal(after[:bounds[-2]], before[:bounds[-2]])
+    assert not torch.equal(after[bounds[-2]:], before[bounds[-2]:])
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(PACKABLE)))
+def test_unpackable_family_is_refused_by_name(built, family):
+    model, encoder = built(family)
+    with pytest.raises(ValueError, match=f"family {family} "):
+        pack_rows(model, _batch(encoder))
