@@ -27,7 +27,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determ
 
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
+from ..distributed import cpu_engines
+from ..distributed.checks import check_engine
 from ..models.families import Family, get_family
+from ..models import vision_balance
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
 from . import checkpoint as ckpt
@@ -74,6 +77,9 @@ class BaseConfig(TrainingArguments):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
             raise ValueError(f"nonfinite_policy must be one of {POLICIES}, got {self.nonfinite_policy!r}")
+        check_engine(self)
+        if cpu_engines.engage() and cpu_engines.requested_engine() == "deepspeed":
+            self.use_cpu = False  # accelerate skips DeepSpeed for cpu=True; without an accelerator it is CPU anyway
         super().__post_init__()
 
 
@@ -203,6 +209,7 @@ class VLMTrainer(MetricsMixin, Trainer):
             remote = bool((args.model_init_kwargs or {}).get("trust_remote_code", False))
             processing_class = load_processor(model_path, **({"trust_remote_code": True} if remote else {}))
         self.encoder = Encoder(processing_class, self.family, self.family.image_token_id(unwrap_model(model)))
+        self.balance_vision(model)
         prep = dict(max_length=args.max_length, truncation_policy=args.truncation_policy,
                     max_image_pixels=args.max_image_pixels)
         train_dataset = prepare_rows(train_dataset, self.data_kind, self.encoder, name="train_dataset", **prep)
@@ -218,6 +225,23 @@ class VLMTrainer(MetricsMixin, Trainer):
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, data_collator=self.make_collator(), callbacks=callbacks, **kwargs,
         )
+
+    def balance_vision(self, model) -> None:
+        """Install the zero-weighted vision pass for image-free batches on `model` (policy or reference), so a
+        process whose batch has only text rows runs the same collectives as the others (models/vision_balance.py)."""
+        base = unwrap_model(model)
+        if not hasattr(base, "get_image_features"):
+            return
+        from PIL import Image
+
+        blank = Image.new("RGB", (56, 56), (127, 127, 127))
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "."}]}]
+        try:
+            batch = self.encoder.encode([conversation], [[blank]], add_generation_prompt=True, with_labels=False)
+        except Exception as err:  # a processor that cannot encode a blank image: no balance, say so
+            logger.warning("no zero-weighted vision pass for text-only batches (%s)", err)
+            return
+        vision_balance.install(base, vision_balance.vision_kwargs(batch, base), self.family.language_model_pattern)
 
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
