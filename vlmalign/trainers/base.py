@@ -241,7 +241,7 @@ class VLMTrainer(MetricsMixin, Trainer):
         except Exception as err:  # a processor that cannot encode a blank image: no balance, say so
             logger.warning("no zero-weighted vision pass for text-only batches (%s)", err)
             return
-        vision_balance.install(base, vision_balance.vision_kwargs(batch, base), self.family.language_model_pattern)
+        vision_balance.install(base, vision_balance.vision_kwargs(batch, base))
 
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
