@@ -114,7 +114,7 @@ def install(model: nn.Module, dummy_inputs: dict) -> bool:
                               "pending": False, "suspended": False}
     decoder.__dict__["_vlmalign_balance_owner"] = model   # plain attribute: not a submodule
     model.register_forward_pre_hook(_outer_pre_hook, with_kwargs=True)
-    decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True)
+    decoder.register_forward_pre_hook(_decoder_pre_hook, with_kwargs=True, prepend=True)  # before engine hooks
     return True
 
 
