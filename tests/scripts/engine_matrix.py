@@ -5,6 +5,7 @@ so every logged loss, GRPO completion and advantage must match the one-process r
 
 The data put image rows on one process and text-only rows on the other at the first step (sequential order; for
 GRPO prompts 0-1 have an image, 2-3 none), so a process runs a step without any image.
+SFT also saves its final model to OUT_DIR/sft_model (every engine must write a folder `from_pretrained` loads).
 Writes OUT_DIR/<method>.json from the main process. Env: METHODS (comma list, default all five)."""
 
 import json
@@ -18,6 +19,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from accelerate.utils import gather_object  # noqa: E402
 from datasets import Dataset  # noqa: E402
+
+try:  # DeepSpeed's optional shared-memory all-reduce kernel is JIT-compiled at first use (~100 s): gloo suffices
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+except ImportError:
+    pass
 
 from vlmalign import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from vlmalign.data.synthetic import make_dataset  # noqa: E402
@@ -68,6 +77,13 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
         data = mixed("sft", ROWS * STEPS, ("messages",), range(ROWS // 2, ROWS))
         trainer = SFTTrainer(model=model, args=SFTConfig(**common(out_dir, method, world, ROWS // world)),
                              train_dataset=data, peft_config=peft)
+        compute_loss = trainer.compute_loss
+
+        def record_images(model_, inputs, *args, **kwargs):  # which process trained on a batch without images
+            captured.setdefault("has_images", []).append(gather_object([inputs.get("pixel_values") is not None]))
+            return compute_loss(model_, inputs, *args, **kwargs)
+
+        trainer.compute_loss = record_images
     elif method in ("dpo", "mpo"):
         data = mixed("preference", ROWS * STEPS, ("prompt",), range(ROWS // 2, ROWS))
         extra = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]} if method == "mpo" else {}
@@ -96,6 +112,8 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
 
         trainer._generate_and_score = capture
     trainer.train()
+    if method == "sft":
+        trainer.save_model(os.path.join(out_dir, "sft_model"))
     history = trainer.state.log_history
     captured["loss"] = [h["loss"] for h in history if "loss" in h]
     captured["grad_norm"] = [h["grad_norm"] for h in history if "grad_norm" in h]

@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determ
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
 from ..distributed import cpu_engines
+from ..distributed.gather import zero3_engine
 from ..distributed.checks import check_engine
 from ..models.families import Family, get_family
 from ..models import vision_balance
@@ -245,6 +246,36 @@ class VLMTrainer(MetricsMixin, Trainer):
 
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, so that the folder loads with `from_pretrained` (config, processor and full weights;
+        the adapter under PEFT) from every engine: under FSDP with ``SHARDED_STATE_DICT`` (where transformers writes
+        nothing) and under ZeRO-3 the full weights are gathered to the main process. Checkpoints keep the engine's
+        own sharded files for resuming as well."""
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            output_dir = output_dir or self.args.output_dir
+            state_dict = self.accelerator.get_state_dict(self.model)   # collective: every process takes part
+            self._save(output_dir, state_dict=state_dict)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        engine = zero3_engine(self.accelerator)
+        if engine is not None:
+            # DeepSpeed's consolidated state dict names keys its own way (the model's key conversion then yields
+            # names from_pretrained does not know, e.g. model.model.embed_tokens): gather and use the model's own
+            # state_dict instead; this also works with stage3_gather_16bit_weights_on_model_save off.
+            import deepspeed
+
+            output_dir = output_dir or self.args.output_dir
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                state_dict = ({k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+                              if self.args.should_save else None)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
