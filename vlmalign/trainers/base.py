@@ -261,9 +261,7 @@ class VLMTrainer(MetricsMixin, Trainer):
             return
         engine = zero3_engine(self.accelerator)
         if engine is not None:
-            # DeepSpeed's consolidated state dict names keys its own way (the model's key conversion then yields
-            # names from_pretrained does not know, e.g. model.model.embed_tokens): gather and use the model's own
-            # state_dict instead; this also works with stage3_gather_16bit_weights_on_model_save off.
+            # Gather and save the model's own state_dict (also with stage3_gather_16bit_weights_on_model_save off).
             import deepspeed
 
             output_dir = output_dir or self.args.output_dir
@@ -271,7 +269,15 @@ class VLMTrainer(MetricsMixin, Trainer):
                 state_dict = ({k: v.detach().clone() for k, v in engine.module.state_dict().items()}
                               if self.args.should_save else None)
             if self.args.should_save:
-                self._save(output_dir, state_dict=state_dict)
+                # A model loaded under zero.Init records weight conversions that, reverted at save time, put an
+                # extra prefix on every key (model.model.embed_tokens): save with the family's default mapping.
+                base = unwrap_model(engine.module)
+                recorded = base.__dict__.pop("_weight_conversions", None)
+                try:
+                    self._save(output_dir, state_dict=state_dict)
+                finally:
+                    if recorded is not None:
+                        base._weight_conversions = recorded
             if self.args.push_to_hub and not _internal_call:
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
             return
