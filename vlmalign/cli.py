@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .distributed.saved import missing_saved_files
+
 
 @dataclass
 class ScriptArguments:
@@ -165,7 +167,13 @@ def run_training(method: str, script_args: ScriptArguments, config, train, evalu
     trainer = trainer_cls(**kwargs)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model(config.output_dir)
-    print(f"saved model and processor to {config.output_dir}")
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        missing = missing_saved_files(config.output_dir)
+        if missing:
+            raise RuntimeError(f"save_model wrote no loadable model to {config.output_dir} (missing: {missing}); "
+                               "see README 'Distributed training' for the engine's save settings")
+        print(f"saved model and processor to {config.output_dir}")
     return trainer
 
 

@@ -47,6 +47,22 @@ def lm_head_bypassed(model: nn.Module):
         head.forward = original
 
 
+def projection_head(head: nn.Module) -> tuple[nn.Module | torch.Tensor, torch.Tensor | None]:
+    """What the chunked projection (`token_logprobs_from_hidden`) should use for `head`: the module itself, or,
+    for a frozen head whose parameters ZeRO-3 partitions (LoRA), a gathered copy of its weight and bias. The
+    projection recomputes each chunk in backward (activation checkpointing); by then ZeRO-3 has released the
+    partition of a frozen module, so the recomputation would see an empty weight."""
+    params = list(head.parameters())
+    if not any(hasattr(p, "ds_id") for p in params) or any(p.requires_grad for p in params):
+        return head, None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        weight = head.weight.detach().clone()
+        bias = head.bias.detach().clone() if getattr(head, "bias", None) is not None else None
+    return weight, bias
+
+
 def _model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -84,12 +100,15 @@ def token_logps(
     mask = mask.bool()
     mask_flat_hidden = hidden[mask]                # [N, H]
     targets = ids[mask]                            # [N]
+    projection, bias = projection_head(head)
     logps, entropy = token_logprobs_from_hidden(
-        mask_flat_hidden, head, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+        mask_flat_hidden, projection, targets, bias=bias, chunk_size=chunk_size, temperature=temperature,
+        with_entropy=with_entropy,
     )
+    project = (lambda h: torch.nn.functional.linear(h, projection, bias)) if torch.is_tensor(projection) else head
     with torch.no_grad():
         hits = torch.cat([
-            (head(mask_flat_hidden[i:i + chunk_size]).argmax(-1) == targets[i:i + chunk_size])
+            (project(mask_flat_hidden[i:i + chunk_size]).argmax(-1) == targets[i:i + chunk_size])
             for i in range(0, targets.numel(), chunk_size)
         ]) if targets.numel() else targets.bool()
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731

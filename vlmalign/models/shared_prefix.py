@@ -48,7 +48,7 @@ from torch import nn
 
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
-from .forward import _softcap, lm_head_bypassed, token_logps, unwrap_model
+from .forward import _softcap, lm_head_bypassed, projection_head, token_logps, unwrap_model
 from .prefix_cache import ExpandedPrefixCache, PromptCache, cache_through_checkpoints, custom_checkpoint_function
 
 logger = logging.getLogger(__name__)
@@ -243,8 +243,10 @@ def shared_prefix_logps(
                          use_cache=False, **completion_inputs).logits  # [N, C - 1, H]
             hidden = torch.cat([hidden, rest], dim=1)                # [N, C, H]: position j predicts token j
     scored = completion_mask.bool()
-    logps, entropy = token_logprobs_from_hidden(hidden[scored], head, completion_ids[scored], chunk_size=chunk_size,
-                                                temperature=temperature, with_entropy=with_entropy)
+    projection, bias = projection_head(head)
+    logps, entropy = token_logprobs_from_hidden(hidden[scored], projection, completion_ids[scored], bias=bias,
+                                                chunk_size=chunk_size, temperature=temperature,
+                                                with_entropy=with_entropy)
     full = lambda values: values.new_zeros(scored.shape).masked_scatter(scored, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None)
 

@@ -29,7 +29,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determ
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
 from ..data.sources import shuffled, source_rows
+from ..distributed import cpu_engines
+from ..distributed.gather import zero3_engine
+from ..distributed.checks import check_engine
 from ..models.families import Family, get_family
+from ..models import vision_balance
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
 from ..models.quantization import check_quantized_loading
@@ -87,6 +91,9 @@ class BaseConfig(TrainingArguments):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
             raise ValueError(f"nonfinite_policy must be one of {POLICIES}, got {self.nonfinite_policy!r}")
+        check_engine(self)
+        if cpu_engines.engage() and cpu_engines.requested_engine() == "deepspeed":
+            self.use_cpu = False  # accelerate skips DeepSpeed for cpu=True; without an accelerator it is CPU anyway
         super().__post_init__()
 
 
@@ -229,6 +236,7 @@ class VLMTrainer(MetricsMixin, Trainer):
             remote = bool((args.model_init_kwargs or {}).get("trust_remote_code", False))
             processing_class = load_processor(model_path, **({"trust_remote_code": True} if remote else {}))
         self.encoder = Encoder(processing_class, self.family, self.family.image_token_id(unwrap_model(model)))
+        self.balance_vision(model)
         prep = dict(max_length=args.max_length, truncation_policy=args.truncation_policy,
                     max_image_pixels=args.max_image_pixels)
         rows_needed = self._stream_rows_needed(args)
@@ -262,6 +270,23 @@ class VLMTrainer(MetricsMixin, Trainer):
         if ours:
             self.model_accepts_loss_kwargs = ours[0]
 
+    def balance_vision(self, model) -> None:
+        """Install the zero-weighted vision pass for image-free batches on `model` (policy or reference), so a
+        process whose batch has only text rows runs the same collectives as the others (models/vision_balance.py)."""
+        base = unwrap_model(model)
+        if not hasattr(base, "get_image_features"):
+            return
+        from PIL import Image
+
+        blank = Image.new("RGB", (56, 56), (127, 127, 127))
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "."}]}]
+        try:
+            batch = self.encoder.encode([conversation], [[blank]], add_generation_prompt=True, with_labels=False)
+        except Exception as err:  # a processor that cannot encode a blank image: no balance, say so
+            logger.warning("no zero-weighted vision pass for text-only batches (%s)", err)
+            return
+        vision_balance.install(base, vision_balance.vision_kwargs(batch, base))
+
     def make_collator(self):  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -279,6 +304,41 @@ class VLMTrainer(MetricsMixin, Trainer):
 
     def _get_collator_with_removed_columns(self, data_collator, description=None):
         return data_collator
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, so that the folder loads with `from_pretrained` (config, processor and full weights;
+        the adapter under PEFT) from every engine: under FSDP with ``SHARDED_STATE_DICT`` (where transformers writes
+        nothing) and under ZeRO-3 the full weights are gathered to the main process. Checkpoints keep the engine's
+        own sharded files for resuming as well."""
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            output_dir = output_dir or self.args.output_dir
+            state_dict = self.accelerator.get_state_dict(self.model)   # collective: every process takes part
+            self._save(output_dir, state_dict=state_dict)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        engine = zero3_engine(self.accelerator)
+        if engine is not None:
+            # Gather and save the model's own state_dict (also with stage3_gather_16bit_weights_on_model_save off).
+            import deepspeed
+
+            output_dir = output_dir or self.args.output_dir
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                state_dict = ({k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+                              if self.args.should_save else None)
+            if self.args.should_save:
+                # A model loaded under zero.Init records weight conversions that, reverted at save time, put an
+                # extra prefix on every key (model.model.embed_tokens): save with the family's default mapping.
+                base = unwrap_model(engine.module)
+                recorded = base.__dict__.pop("_weight_conversions", None)
+                try:
+                    self._save(output_dir, state_dict=state_dict)
+                finally:
+                    if recorded is not None:
+                        base._weight_conversions = recorded
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)

@@ -130,6 +130,8 @@ class DPOTrainer(VLMTrainer):
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         precompute = args.precompute_ref_log_probs
         self.ref_model = make_reference_model(self.model, args, ref_model, None if precompute else self.accelerator)
+        if self.ref_model is not None:
+            self.balance_vision(self.ref_model)
         self.running_mean = RunningMeanDelta()
         if precompute:
             self._precompute_reference()

@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 
+from ..distributed.gather import gathered_for_generation
 from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, TOKEN_NORMALISED_LOSS_TYPES, policy_loss
+from ..models import vision_balance
+from ..models.forward import unwrap_model
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
@@ -100,7 +103,8 @@ class GRPOConfig(BaseConfig, GRPOTrlFields):
                                 "generation and in every training pass; micro-batches then hold whole groups "
                                 "when per_device_train_batch_size is a multiple of num_generations."})
     # The LM head runs outside the wrapped forward (vlmalign.models.forward bypasses it), which DDP's unused-parameter
-    # search would mark unused and then see used ("marked ready twice"); every trainable parameter is used anyway.
+    # search would mark unused and then see used ("marked ready twice"); every trainable parameter is used anyway
+    # (a batch without images runs a zero-weighted vision pass in a multi-process run: models/vision_balance.py).
     ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self):
@@ -200,6 +204,8 @@ class GRPOTrainer(VLMTrainer):
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         self.ref_model = make_reference_model(self.model, args, None, self.accelerator) if args.beta > 0 else None
+        if self.ref_model is not None:
+            self.balance_vision(self.ref_model)
         self.sampling = SamplingConfig(
             max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, do_sample=True)
@@ -266,8 +272,9 @@ class GRPOTrainer(VLMTrainer):
         self._rounds[mode] += 1
         n, rank, world = len(rows), acc.process_index, acc.num_processes
         seeds = [derive_seed(args.seed, mode == "eval", round_, rank * n + i) for i in range(n)]
-        rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling,
-                                     shared_prefix=args.shared_prefix)
+        with gathered_for_generation(self.model, acc), vision_balance.suspended(unwrap_model(self.model)):
+            rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling,
+                                         shared_prefix=args.shared_prefix)
         groups = rollout.group_index.cpu()                 # [N] completions of one prompt share an id
         shared = groups if args.shared_prefix else None    # group ids for the shared-prefix log-prob passes
         device = acc.device

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed.gather import is_zero3_partitioned
+from ..distributed.reference import deepspeed_stage, zero3_inference_engine
 from ..models.forward import token_logps
 
 logger = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ def make_reference_model(
     * otherwise a deep copy of the (unwrapped) policy, frozen, on the policy's device.
 
     With an `accelerator`, the model is placed with `accelerator.prepare_model(..., evaluation_mode=True)` (device
-    placement; FSDP / DeepSpeed wrapping where configured; never DDP, which the reference does not need)."""
+    placement; never DDP, which the reference does not need); under ZeRO-3 it gets a DeepSpeed inference engine
+    of its own (partitioned like the policy, `vlmalign.distributed.reference`)."""
     if ref_model is not None:
         from ..models.loading import load_model
 
@@ -80,6 +83,17 @@ def make_reference_model(
         return None
     elif getattr(args, "precompute_ref_log_probs", False):
         return None
+    elif any(is_zero3_partitioned(p) for p in _strip_wrappers(model).parameters()):
+        # ZeRO-3 loaded the policy partitioned (zero.Init): a copy would hold empty parameters and no hooks.
+        # Load the same weights again, partitioned the same way, and give them their own inference engine.
+        base = _strip_wrappers(model)
+        path = getattr(base, "name_or_path", None)
+        if not path:
+            raise ValueError("ZeRO-3 with a reference model needs the policy loaded from a path (to load the "
+                             "reference partitioned too); pass model as a path, or ref_model, or use PEFT")
+        from ..models.loading import load_model
+
+        ref = load_model(path, **(getattr(args, "model_init_kwargs", None) or {}))
     else:
         ref = copy.deepcopy(_strip_wrappers(model))
     if getattr(args, "disable_dropout", False):
@@ -87,7 +101,9 @@ def make_reference_model(
 
         _disable_dropout(ref)
     freeze(ref)
-    if accelerator is not None:
+    if accelerator is not None and deepspeed_stage(accelerator) == 3:
+        ref = zero3_inference_engine(ref, accelerator, args)
+    elif accelerator is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
     else:
         device = next(_strip_wrappers(model).parameters()).device

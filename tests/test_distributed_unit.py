@@ -1,0 +1,99 @@
+"""One-process checks of the distributed pieces (the engine matrix itself is tests/test_engines.py): engine
+settings refused up front, the CPU engine switch staying off where it must, the zero-weighted vision pass."""
+
+import pytest
+import torch
+
+from vlmalign import SFTConfig, SFTTrainer
+from vlmalign.data.synthetic import make_dataset
+from vlmalign.distributed import cpu_engines
+from vlmalign.distributed.saved import missing_saved_files
+from vlmalign.models import vision_balance
+from vlmalign.models.families import get_family
+from vlmalign.models.forward import unwrap_model
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="fsdp_version: 2"):
+        SFTConfig(output_dir=str(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    with pytest.raises(ValueError, match="FSDP2"):   # the same through TrainingArguments' own fsdp options
+        SFTConfig(output_dir=str(tmp_path), fsdp="full_shard", fsdp_config={"version": 1})
+
+
+def test_cpu_engine_switch_only_for_launched_multi_process_jobs(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not cpu_engines.should_engage()                  # not launched: accelerate's behaviour is untouched
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not cpu_engines.should_engage()                  # one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cpu_engines.should_engage() == (not cpu_engines.has_accelerator())
+    monkeypatch.setenv("VLMALIGN_CPU_ENGINES", "0")
+    assert not cpu_engines.should_engage()                  # opt-out
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert cpu_engines.requested_engine() == "deepspeed"
+
+
+def test_missing_saved_files_names_what_is_absent(tmp_path):
+    assert missing_saved_files(str(tmp_path / "nope")) == ["the folder itself"]
+    (tmp_path / "config.json").write_text("{}")
+    assert missing_saved_files(str(tmp_path)) == ["weights (model.safetensors / model.safetensors.index.json / "
+                                                  "adapter_model.safetensors)"]
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert missing_saved_files(str(tmp_path)) == []
+
+
+def _text_only_batch(trainer):
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "how many shapes are there ?"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "<answer>3</answer>"}]}],
+             "images": []}] * 2
+    from datasets import Dataset
+    from vlmalign.data.dataset import prepare_rows
+
+    prepared = prepare_rows(Dataset.from_list(rows), "sft", trainer.encoder, name="t", max_length=256,
+                            truncation_policy="raise", max_image_pixels=None)
+    return trainer.data_collator([prepared[i] for i in range(len(prepared))])
+
+
+def test_vision_pass_on_text_only_batch_is_exactly_zero(tiny_model_dir, tmp_path, monkeypatch):
+    """In a multi-process run a text-only batch runs the vision tower on a dummy image: the loss is bit-identical
+    and every vision parameter gets a gradient of exactly 0 (instead of none, which breaks gradient collectives);
+    decoding steps (a non-empty cache) never run it."""
+    trainer = SFTTrainer(model=str(tiny_model_dir("qwen2_vl")), train_dataset=make_dataset("color", "sft", n=4),
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none"))
+    model = trainer.model
+    family = get_family(unwrap_model(model))
+    batch = _text_only_batch(trainer)
+    assert "pixel_values" not in batch
+    vision = [p for n, p in model.named_parameters() if family.is_vision_param(n)]
+    calls = []
+    tower = unwrap_model(model).model.visual
+    handle = tower.register_forward_hook(lambda *a: calls.append(1))
+
+    def loss_and_grads(distributed: bool):
+        monkeypatch.setattr(vision_balance, "_distributed", lambda: distributed)
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.detach(), [p.grad for p in vision]
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    assert calls == [] and all(g is None for g in plain_grads)
+    loss, grads = loss_and_grads(True)
+    assert calls == [1]
+    assert torch.equal(loss, plain_loss)
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    # the reference copy of the model carries working hooks of its own
+    import copy
+
+    handle.remove()
+    ref = copy.deepcopy(unwrap_model(model))
+    ref_calls = []
+    ref.model.visual.register_forward_hook(lambda *a: ref_calls.append(1))
+    with torch.no_grad():
+        ref(**{k: v for k, v in batch.items() if k != "labels"})
+    assert ref_calls == [1]
