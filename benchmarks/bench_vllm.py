@@ -79,7 +79,7 @@ def main(argv=None):
     sampling = SamplingConfig(max_completion_length=C)
 
     class Acc:
-        process_index = 0
+        process_index, num_processes = 0, 1
 
     start = time.perf_counter()
     gen = build_vllm_generation(model, encoder, args, Acc(), sampling)

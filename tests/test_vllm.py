@@ -285,8 +285,11 @@ def test_trainer_waits_for_a_server_then_fails_clearly(tmp_path, small_model_dir
 
 @needs_vllm
 def test_server_mode_trains_against_a_local_server(tmp_path, small_model_dir, vllm_env):
-    """`vlmalign vllm-serve` on 127.0.0.1; the trainer pushes its weights after each step and the server's
-    log-probs equal the trainer's within 1e-5 at every generation."""
+    """`vlmalign vllm-serve` on 127.0.0.1, shared by one training process and then by two (accelerate, gloo): the
+    main process pushes the weights after each optimiser step, the server's log-probs equal the trainer's within
+    1e-5 at every generation."""
+    import json
+
     path = small_model_dir("qwen2_vl")
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
@@ -306,6 +309,19 @@ def test_server_mode_trains_against_a_local_server(tmp_path, small_model_dir, vl
         diffs = _diffs(trainer)
         assert len(diffs) == 3 and max(diffs) < 1e-5, diffs
         assert trainer.vllm.synced_step == 2
+        del trainer
+        out = tmp_path / "two" / "out.json"
+        out.parent.mkdir()
+        script = os.path.join(os.path.dirname(__file__), "scripts", "grpo_vllm_server.py")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), script, str(path), str(port), str(out)]
+        result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        two = json.loads(out.read_text())
+        assert two["world_size"] == 2 and len(two["loss"]) == 2 and all(math.isfinite(x) for x in two["loss"])
+        assert len(two["diff"]) == 2 and max(two["diff"]) < 1e-5 and two["synced_step"] == 1
     finally:
         server.terminate()
         try:
@@ -314,3 +330,18 @@ def test_server_mode_trains_against_a_local_server(tmp_path, small_model_dir, vl
             server.kill()
         log.close()
     assert f"serving on http://127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
+
+
+@needs_vllm
+def test_colocate_with_several_processes_is_refused(small_model_dir, tmp_path):
+    from vlmalign.rl.vllm_backend import build_vllm_generation
+
+    class TwoProcesses:
+        process_index, num_processes = 0, 2
+
+    path = small_model_dir("qwen2_vl")
+    model, processor = AutoModelForImageTextToText.from_pretrained(path), load_processor(path)
+    fam = get_family(model)
+    with pytest.raises(ValueError, match="with 2 processes use vllm_mode='server'"):
+        build_vllm_generation(model, Encoder(processor, fam, fam.image_token_id(model)), _config(tmp_path),
+                              TwoProcesses(), SamplingConfig())

@@ -149,7 +149,9 @@ def build_vllm_generation(model, encoder: Encoder, args, accelerator, sampling: 
                           max_images: int = 1) -> VLLMGeneration:
     """The engine `GRPOConfig.vllm_mode` asks for, checked at start: vLLM installed, the model supported, the server
     up and serving the same model type."""
+    import atexit
     import os
+    import shutil
     import tempfile
 
     from ..models.forward import unwrap_model
@@ -173,6 +175,12 @@ def build_vllm_generation(model, encoder: Encoder, args, accelerator, sampling: 
             logger.warning("the vLLM server returns %s, these sampling settings call for %s (start it with "
                            "`--logprobs-mode %s`)", info.get("logprobs_mode"), wanted, wanted)
         return VLLMGeneration(client, encoder)
+    if getattr(accelerator, "num_processes", 1) > 1:
+        # vLLM would join the trainer's torch.distributed world (TRL drives it with vLLM's external launcher and
+        # tensor-parallel subgroups); not implemented here.
+        raise ValueError(f"vllm_mode='colocate' runs one engine in a single training process; with "
+                         f"{accelerator.num_processes} processes use vllm_mode='server' (start `vlmalign vllm-serve "
+                         "--model ...` once, every process sends its prompts to it)")
     reason = vllm_unsupported(config, encoder.processor.tokenizer)
     if reason:
         raise ValueError(f"use_vllm=True: {reason}")
@@ -183,6 +191,7 @@ def build_vllm_generation(model, encoder: Encoder, args, accelerator, sampling: 
     # One engine inside each training process, run in-process so weights can be handed over as tensors.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     folder = tempfile.mkdtemp(prefix="vlmalign-vllm-engine-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     write_engine_folder(model, encoder.processor, folder, family)
     dtype = str(next(base.parameters()).dtype).replace("torch.", "")
     max_len = args.vllm_max_model_length or (args.max_length + args.max_completion_length if args.max_length
@@ -193,5 +202,5 @@ def build_vllm_generation(model, encoder: Encoder, args, accelerator, sampling: 
                               tensor_parallel_size=args.vllm_tensor_parallel_size, model_impl=args.vllm_model_impl,
                               extra=args.vllm_engine_kwargs)
     engine = VLLMEngine(folder, family, settings)
-    engine.folder = folder
+    os.remove(os.path.join(folder, "model.safetensors"))    # loaded; later updates come from memory
     return VLLMGeneration(engine, encoder)

@@ -2,8 +2,8 @@
 
 Generation with vLLM (`vlmalign.rl.vllm_backend`):
 
-* ``vllm_mode="colocate"``: each training process runs its own vLLM engine in-process and generates its own rows
-  (so W processes hold W engines); weights are copied in memory after each optimiser step.
+* ``vllm_mode="colocate"``: the training process runs a vLLM engine in-process; weights are copied in memory after
+  each optimiser step. One training process only (several: refused at start, use the server).
 * ``vllm_mode="server"``: one ``vlmalign vllm-serve --model ...`` process, shared by all training processes; each
   process sends its rows, the main process pushes the weights after each optimiser step (the others wait).
 """

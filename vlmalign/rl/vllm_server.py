@@ -167,7 +167,12 @@ def build_server_engine(model: str, settings_kwargs: dict):
         raise SystemExit(f"vlmalign vllm-serve: {reason}")
     folder = model
     if family.vllm_weight_renames:
-        folder = rewrite_checkpoint_folder(model, tempfile.mkdtemp(prefix="vlmalign-vllm-serve-"), family)
+        import atexit
+        import shutil
+
+        folder = tempfile.mkdtemp(prefix="vlmalign-vllm-serve-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        rewrite_checkpoint_folder(model, folder, family)
     engine = VLLMEngine(folder, family, EngineSettings(**settings_kwargs))
     return engine, {"model_type": config.model_type, "logprobs_mode": engine.settings.logprobs_mode, "model": model}
 
