@@ -198,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         logprobs_mode=a.logprobs_mode, gpu_memory_utilization=a.gpu_memory_utilization,
         tensor_parallel_size=a.tensor_parallel_size, extra=a.engine_kwargs))
     server = ThreadingHTTPServer((a.host, a.port), _handler(engine, info, threading.Lock()))
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)                      # terminate: clean exit (temporary folders removed)
     print(f"vlmalign vllm-serve: serving on http://{a.host}:{server.server_port}", flush=True)
     try:
         server.serve_forever()
