@@ -139,6 +139,33 @@ def test_policy_weights_merge_lora_exactly(tiny_model_dir, family):
     assert not any(m.merged for m in peft.modules() if hasattr(m, "merged"))
 
 
+def test_trainer_loss_is_weighted_by_the_sampling_correction(tmp_path, tiny_model_dir):
+    """compute_loss hands the buffered TIS weights to the loss: the loss is linear in them (weights 2 -> twice the
+    loss; one row weighted at a time -> the parts add up to the unweighted loss; row i weighted i + 1 -> the same
+    sum of the parts weighted i + 1)."""
+    args = _config(tmp_path, use_vllm=False, per_device_train_batch_size=8, beta=0.0)
+    trainer = GRPOTrainer(model=tiny_model_dir("qwen2_vl"), reward_funcs=[length_reward], args=args,
+                          train_dataset=make_dataset("color", "prompt", n=8, seed=0))
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert inputs["sampling_weights"] is None
+    mask = inputs["completion_mask"]
+    with torch.no_grad():
+        plain = trainer.compute_loss(trainer.model, inputs)
+        doubled = trainer.compute_loss(trainer.model, {**inputs, "sampling_weights": torch.full(mask.shape, 2.0)})
+        parts = []
+        for i in range(mask.shape[0]):
+            weights = torch.zeros(mask.shape)
+            weights[i] = 1.0
+            parts.append(trainer.compute_loss(trainer.model, {**inputs, "sampling_weights": weights}))
+        ramp = torch.arange(1.0, mask.shape[0] + 1).unsqueeze(1).expand(mask.shape)   # row i weighted i + 1
+        ramped = trainer.compute_loss(trainer.model, {**inputs, "sampling_weights": ramp})
+    assert max(p.abs().item() for p in parts) > 1e-3      # (the unweighted on-policy loss itself is ~0: sum A = 0)
+    torch.testing.assert_close(doubled, 2 * plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sum(parts), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ramped, sum((i + 1) * p for i, p in enumerate(parts)), rtol=1e-5, atol=1e-6)
+
+
 class _FakeEngine:
     """Stands in for vLLM to check how VLLMGeneration assembles what an engine returns."""
 

@@ -302,7 +302,7 @@ class GRPOTrainer(VLMTrainer):
 
     def _vllm_generate(self, rows, seeds):
         """Completions from vLLM, its weights first brought up to the policy's when an optimiser step changed them
-        (colocate: every process updates its own engine; server: the main process pushes, the others wait)."""
+        (server: the main process pushes, the other processes wait)."""
         acc, step = self.accelerator, self.state.global_step
         if self.vllm.synced_step != step:
             if self.args.vllm_mode == "colocate" or acc.is_main_process:
