@@ -9,6 +9,7 @@
     vlmalign eval --model DIR --dataset D [--reward accuracy --reward format] [--samples k]
     vlmalign compare --model NAME=DIR [...] --dataset D --n 16 --out report.html
     vlmalign demo [--out DIR]
+    vlmalign vllm-serve --model DIR [--host 127.0.0.1 --port 8000]   (GRPO with use_vllm, vllm_mode=server)
 
 Training commands take a YAML file (`--config`) whose keys are the fields of the method's config plus `model`,
 `dataset`, ...; command-line flags in the Hugging Face argument-parser style override it.
@@ -289,6 +290,11 @@ def compare_command(argv: list[str]) -> None:
     compare_main(argv)
 
 
+def vllm_serve_command(argv: list[str]) -> None:
+    from .rl.vllm_server import main as serve_main
+    serve_main(argv)
+
+
 COMMANDS = {
     "make-tiny-model": make_tiny_model_command,
     "make-data": make_data_command,
@@ -296,6 +302,7 @@ COMMANDS = {
     "eval": eval_command,
     "compare": compare_command,
     "demo": demo_command,
+    "vllm-serve": vllm_serve_command,
 }
 TRAINING = ("sft", "dpo", "mpo", "grpo", "gspo")
 

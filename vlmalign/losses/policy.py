@@ -148,6 +148,7 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     vespo_params: tuple[float, float, float, float] = (2.0, 3.0, 3.0, 2.0),
+    sampling_weights: Tensor | None = None,  # [B, T] or [B, 1]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate objective of GRPO / GSPO (PPO clip, arXiv 1707.06347; GRPO, arXiv 2402.03300;
     GSPO, arXiv 2507.18071).
@@ -157,6 +158,8 @@ def policy_loss(
     ``w' = min(w, delta)`` if ``delta`` is set (INTELLECT-2 two-sided clip, arXiv 2505.07291; as in TRL only
     the unclipped term is clamped) else ``w``; ``epsilon_high`` defaults to ``epsilon_low``;
     ``k3_t = exp(ref - logp) - (ref - logp) - 1`` (needs ``ref_logps`` when ``beta > 0``).
+    ``sampling_weights`` (constants, e.g. `vlmalign.losses.sampling_correction.sampling_importance_weights`)
+    multiply the clipped term when given: ``l_t = -rho_t * min(...) + beta * k3_t`` (TRL's order).
 
     Aggregation (``loss_type``), with ``m`` the mask:
 
@@ -204,6 +207,8 @@ def policy_loss(
     else:
         unclipped_ratio = torch.clamp(ratio, max=delta) if delta is not None else ratio  # [B, T]
         per_token_loss = -torch.min(unclipped_ratio * advantages, clipped_ratio * advantages)  # [B, T]
+    if sampling_weights is not None:  # truncated importance sampling (vLLM sampling vs training)
+        per_token_loss = per_token_loss * sampling_weights.detach().to(per_token_loss.dtype)
 
     metrics: dict[str, Tensor] = {}
     if ref_logps is not None:

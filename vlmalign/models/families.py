@@ -42,6 +42,9 @@ class Family:
     notes: str = ""
     # Regex that must match any LoRA target module name that belongs to the language model.
     language_model_pattern: str = r"(^|\.)language_model\."
+    # (regex, replacement) applied to transformers weight names before they are loaded into vLLM
+    # (`vlmalign.rl.vllm_engine`): vLLM 0.32 names the CLIP/SigLIP towers `vision_tower.vision_model.*`.
+    vllm_weight_renames: tuple[tuple[str, str], ...] = ()
 
     def is_vision_param(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.vision_module_patterns)
@@ -121,6 +124,7 @@ register(Family(
 ))
 # SmolVLM is Idefics3 with another processor.
 register(replace(FAMILIES["idefics3"], name="smolvlm", model_types=("smolvlm",)))
+VISION_MODEL_RENAME = ((r"(^|\.)vision_tower\.(?!vision_model\.)", r"\1vision_tower.vision_model."),)
 register(Family(
     name="llava_clip",
     model_types=("llava",),
@@ -130,6 +134,7 @@ register(Family(
     vision_module_patterns=(r"(^|\.)vision_tower\.",),
     projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="</s>",
+    vllm_weight_renames=VISION_MODEL_RENAME,
 ))
 # LLaVA with a SigLIP tower: the same model class; `get_family` tells them apart by the vision config.
 register(replace(FAMILIES["llava_clip"], name="llava_siglip"))
@@ -143,6 +148,7 @@ register(Family(
     projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="<end_of_turn>",
     packing=False,
+    vllm_weight_renames=VISION_MODEL_RENAME,
 ))
 
 

@@ -100,6 +100,7 @@ class GenerationBatch:
     old_logps: torch.Tensor | None = None   # [N, C]
     ref_logps: torch.Tensor | None = None   # [N, C]
     group_ids: torch.Tensor | None = None   # [N] long, non-decreasing: completions of one prompt share an id
+    sampling_weights: torch.Tensor | None = None  # [N, C] vLLM importance-sampling correction (TIS), if any
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -119,6 +120,7 @@ class GenerationBatch:
             "advantages": self.advantages[index.to(self.advantages.device)],
             "old_logps": on(self.old_logps),
             "ref_logps": on(self.ref_logps),
+            "sampling_weights": on(self.sampling_weights),
             "group_ids": None if self.group_ids is None else self.group_ids[index.to(self.group_ids.device)],
             "num_items_in_batch": self.num_items_in_batch,
         }
@@ -180,7 +182,7 @@ class GenerationBuffer:
 # ------------------------------------------------------------------------------------------- checkpointing
 
 _BUFFER_TENSORS = ("completion_ids", "completion_mask", "loss_mask", "advantages", "old_logps", "ref_logps",
-                   "group_ids")
+                   "group_ids", "sampling_weights")
 
 
 def row_fingerprint(row: dict) -> str:

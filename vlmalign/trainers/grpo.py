@@ -42,6 +42,7 @@ from ..distributed.gather import gathered_for_generation
 from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, TOKEN_NORMALISED_LOSS_TYPES, policy_loss
 from ..models import vision_balance
 from ..models.forward import unwrap_model
+from ..losses.sampling_correction import sampling_importance_weights, sampling_logp_difference
 from ..rl.advantages import SCALE_REWARDS, group_advantages, slice_for_process
 from ..rl.buffer import GenerationBatch, GenerationBuffer, RepeatSampler, load_buffer, save_buffer
 from ..rl.completions import (completion_logps, completion_metrics, micro_batch_inputs, micro_batch_logps,
@@ -50,6 +51,7 @@ from ..rl.reward_guard import guard_reward_function
 from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name, reward_metrics
 from ..rl.rollout import SamplingConfig
 from ..rl.sampling import derive_seed, sample_completions
+from ..rl.vllm_config import VLLMArguments
 from .base import BaseConfig, VLMTrainer
 from .trl_fields import GRPOTrlFields, check_trl_arguments
 from .reference import make_reference_model, reference_forward
@@ -64,8 +66,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class GRPOConfig(BaseConfig, GRPOTrlFields):
-    """Configuration of `GRPOTrainer` (a `transformers.TrainingArguments`); defaults are TRL 1.16's."""
+class GRPOConfig(VLLMArguments, BaseConfig, GRPOTrlFields):
+    """Configuration of `GRPOTrainer` (a `transformers.TrainingArguments`); defaults are TRL 1.16's. The
+    `use_vllm` / `vllm_*` fields: `vlmalign.rl.vllm_config`."""
 
     learning_rate: float = 1e-6
     num_generations: int = field(default=8, metadata={"help": "Completions per prompt (G, >= 2)."})
@@ -201,6 +204,9 @@ class GRPOTrainer(VLMTrainer):
             raise ValueError(f"{len(args.reward_weights)} reward_weights for {len(self.reward_funcs)} reward functions")
         if eval_dataset is not None and (args.per_device_eval_batch_size * args.world_size) % args.num_generations:
             raise ValueError("per_device_eval_batch_size x processes must be a multiple of num_generations")
+        if args.use_vllm:
+            from ..rl.vllm_engine import require_vllm
+            require_vllm()                                # before loading anything: name what to install
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         self.ref_model = make_reference_model(self.model, args, None, self.accelerator) if args.beta > 0 else None
@@ -212,6 +218,11 @@ class GRPOTrainer(VLMTrainer):
         self._step = 0                            # micro-steps taken (TRL's _step)
         self._rounds = {"train": 0, "eval": 0}    # generation batches sampled (seeds the sampling streams)
         self._buffer: GenerationBuffer | None = None
+        self.vllm = None
+        if args.use_vllm:
+            from ..rl.vllm_backend import build_vllm_generation, max_images_per_row
+            self.vllm = build_vllm_generation(self.model, self.encoder, args, self.accelerator, self.sampling,
+                                              max_images_per_row(self.train_dataset))
         if args.shared_prefix and args.per_device_train_batch_size % args.num_generations:
             logger.info("shared_prefix: per_device_train_batch_size (%d) is not a multiple of num_generations (%d), "
                         "so groups are split between micro-batches and each part runs its prompt once",
@@ -272,9 +283,12 @@ class GRPOTrainer(VLMTrainer):
         self._rounds[mode] += 1
         n, rank, world = len(rows), acc.process_index, acc.num_processes
         seeds = [derive_seed(args.seed, mode == "eval", round_, rank * n + i) for i in range(n)]
-        with gathered_for_generation(self.model, acc), vision_balance.suspended(unwrap_model(self.model)):
-            rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling,
-                                         shared_prefix=args.shared_prefix)
+        if self.vllm is not None:
+            rollout = self._vllm_generate(rows, seeds)
+        else:
+            with gathered_for_generation(self.model, acc), vision_balance.suspended(unwrap_model(self.model)):
+                rollout = sample_completions(self.model, self.encoder, rows, seeds, self.sampling,
+                                             shared_prefix=args.shared_prefix)
         groups = rollout.group_index.cpu()                 # [N] completions of one prompt share an id
         shared = groups if args.shared_prefix else None    # group ids for the shared-prefix log-prob passes
         device = acc.device
@@ -294,9 +308,12 @@ class GRPOTrainer(VLMTrainer):
         loss_mask = mask * (~truncated).unsqueeze(1).to(mask.dtype) if args.mask_truncated_completions else mask
         num_items = acc.gather(loss_mask.sum().reshape(1).float()).sum().item()
         batch_size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
-        old = ref = None
-        if mode == "train" and self.needs_old_logps:
+        old = ref = weights = None
+        correct = self.vllm is not None and args.vllm_importance_sampling_correction
+        if mode == "train" and (self.needs_old_logps or correct):
             old = self._old_logps(rows, ids, mask, batch_size, shared)
+        if self.vllm is not None and old is not None:
+            weights = self._sampling_correction(old, rollout.sampling_logps, loss_mask, correct)
         if args.beta > 0:
             with reference_forward(self.model, self.ref_model) as ref_model:
                 ref = completion_logps(ref_model, self.encoder, rows, ids, mask, batch_size=batch_size,
@@ -316,7 +333,44 @@ class GRPOTrainer(VLMTrainer):
                             float(total[i]), float(advantages[i]), all_texts[i])
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
-                               num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups)
+                               num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups,
+                               sampling_weights=weights)
+
+    def _vllm_generate(self, rows, seeds):
+        """Completions from vLLM, its weights first brought up to the policy's when an optimiser step changed them
+        (server: the main process pushes, the other processes wait)."""
+        acc, step = self.accelerator, self.state.global_step
+        if self.vllm.synced_step != step:
+            if self.args.vllm_mode == "colocate" or acc.is_main_process:
+                self.vllm.sync(self.model, step)
+            if self.args.vllm_mode == "server":
+                acc.wait_for_everyone()
+                self.vllm.synced_step = step
+        return self.vllm.generate(rows, seeds, self.sampling, device=acc.device)
+
+    def _sampling_correction(self, old, sampling_logps, mask, correct: bool):
+        """Log |trainer - vLLM| per token (TRL's metric names); with the correction on, the TIS weights."""
+        args, acc = self.args, self.accelerator
+        diff = sampling_logp_difference(old, sampling_logps, mask)
+        valid = mask.bool()
+        stats = [diff["mean"] * valid.sum(), diff["max"], valid.sum().float()]
+        weights = None
+        if correct:
+            weights = sampling_importance_weights(old, sampling_logps, mask, mode=args.vllm_importance_sampling_mode,
+                                                  clip_max=args.vllm_importance_sampling_clip_max,
+                                                  clip_min=args.vllm_importance_sampling_clip_min)
+            rho = weights[valid] if valid.any() else torch.ones(1, device=weights.device)
+            stats += [rho.sum(), -rho.min(), rho.max()]
+        total = acc.gather(torch.stack([torch.as_tensor(v, dtype=torch.float32, device=old.device)
+                                        for v in stats]).unsqueeze(0))          # [W, k]
+        count = total[:, 2].sum().clamp(min=1)
+        self.record("sampling/sampling_logp_difference/mean", total[:, 0].sum() / count)
+        self.record("sampling/sampling_logp_difference/max", total[:, 1].max())
+        if correct:
+            self.record("sampling/importance_sampling_ratio/mean", total[:, 3].sum() / count)
+            self.record("sampling/importance_sampling_ratio/min", -total[:, 4].max())
+            self.record("sampling/importance_sampling_ratio/max", total[:, 5].max())
+        return weights
 
     def _old_logps(self, rows, ids, mask, batch_size, group_ids=None) -> torch.Tensor:
         """Log-probs of the sampling policy, once per generation batch (shared-prefix path with `group_ids`)."""
@@ -362,7 +416,8 @@ class GRPOTrainer(VLMTrainer):
             max_completion_length=args.max_completion_length, num_items_in_batch=normalizer,
             kl_importance_correction=args.use_bias_correction_kl, sapo_temperature_pos=args.sapo_temperature_pos,
             sapo_temperature_neg=args.sapo_temperature_neg,
-            vespo_params=(args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg))
+            vespo_params=(args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg),
+            sampling_weights=inputs.get("sampling_weights"))
         if args.loss_type not in TOKEN_NORMALISED_LOSS_TYPES:
             loss = loss / ga
         maskf = mask.to(entropy.dtype)

@@ -125,13 +125,20 @@ GRPO = {
     "transformers_continuous_batching_config": ("refused", "continuous batching is not implemented."),
     "use_transformers_paged": ("refused", "paged attention generation is not implemented."),
 }
-for _name in ("use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",
-              "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
-              "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length", "vllm_tensor_parallel_size",
-              "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+_VLLM_ACTS = "vLLM generation as in TRL (vlmalign/rl/vllm_config.py; README, vLLM section)."
+for _name in ("use_vllm", "vllm_mode", "vllm_model_impl", "vllm_server_base_url", "vllm_server_port",
+              "vllm_server_timeout", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+              "vllm_tensor_parallel_size", "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
               "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
               "vllm_importance_sampling_cap"):
-    GRPO[_name] = ("vllm", _VLLM)
+    GRPO[_name] = ("acts", _VLLM_ACTS)
+GRPO["vllm_server_host"] = ("differs", "Default 127.0.0.1 (TRL: 0.0.0.0): the server is bound to this machine "
+                            "unless another address is asked for.")
+GRPO["vllm_group_port"] = ("differs", "Accepted and unused: weights go to the server over HTTP, not through a "
+                           "NCCL group.")
+GRPO["vllm_enable_sleep_mode"] = ("refused", "vLLM sleep mode is not supported; leave vllm_enable_sleep_mode off.")
+GRPO["vllm_structured_outputs_regex"] = ("refused", "structured outputs are not supported; leave "
+                                         "vllm_structured_outputs_regex unset.")
 
 TRL_ARGUMENTS = {"SFTConfig": {**COMMON, **SFT}, "DPOConfig": {**COMMON, **DPO},
                  "GRPOConfig": {**{k: v for k, v in COMMON.items() if k not in ("dataset_num_proc", "truncation_mode",
@@ -235,24 +242,6 @@ class GRPOTrlFields(CommonTrlFields):
     generation_kwargs: dict | str | None = None
     chat_template_kwargs: dict | str | None = None
     cache_implementation: str | None = None
-    use_vllm: bool = field(default=False, metadata={"help": "Refused for now (vLLM work item)."})
-    vllm_mode: str = "colocate"
-    vllm_model_impl: str = "vllm"
-    vllm_enable_sleep_mode: bool = False
-    vllm_structured_outputs_regex: str | None = None
-    vllm_server_base_url: str | None = None
-    vllm_server_host: str = "0.0.0.0"
-    vllm_server_port: int = 8000
-    vllm_server_timeout: float = 240.0
-    vllm_group_port: int = 51216
-    vllm_gpu_memory_utilization: float = 0.3
-    vllm_max_model_length: int | None = None
-    vllm_tensor_parallel_size: int = 1
-    vllm_importance_sampling_correction: bool = True
-    vllm_importance_sampling_mode: str = "sequence_mask"
-    vllm_importance_sampling_clip_max: float | None = 3.0
-    vllm_importance_sampling_clip_min: float | None = None
-    vllm_importance_sampling_cap: float | None = None
     sapo_temperature_neg: float = field(default=1.05, metadata={"help": "SAPO gate temperature for A <= 0."})
     sapo_temperature_pos: float = field(default=1.0, metadata={"help": "SAPO gate temperature for A > 0."})
     vespo_k_pos: float = field(default=2.0, metadata={"help": "VESPO Gamma shape k for A >= 0."})
