@@ -259,13 +259,12 @@ def _typed_content(rows: list[dict], names: list[str]) -> None:
         if name not in MESSAGE_COLUMNS:
             continue
         messages = [m for row in rows if isinstance(row[name], list) for m in row[name] if isinstance(m, dict)]
-        kinds = {type(m.get("content", m.get("value"))) for m in messages} - {type(None)}
+        kinds = {type(m.get("content")) for m in messages} - {type(None)}
         if not (str in kinds and list in kinds):
             continue
-        for message in messages:
-            key = "content" if "content" in message else "value"
-            if isinstance(message.get(key), str):
-                message[key] = [{"type": "text", "text": message[key]}]
+        for message in messages:  # (ShareGPT "value" strings are left alone: their <image> tags are parsed later)
+            if isinstance(message.get("content"), str):
+                message["content"] = [{"type": "text", "text": message["content"]}]
 
 
 def _check_column_types(rows: list[dict], names: list[str], source: Path) -> None:
