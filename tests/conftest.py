@@ -24,3 +24,14 @@ def tiny_model_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the tiny models run ~10x faster on one thread than on two when the 2-core
+    box is shared (OpenMP spinning), and results do not depend on the thread count. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,12 +23,7 @@ COMMON = dict(max_steps=1, learning_rate=1.0, max_grad_norm=0.0, optim="sgd", we
               logging_steps=1, seed=0, disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ from vlmalign.trainers.grpo import GSPO_PRESET, GRPOConfig, GRPOTrainer
 SCRIPT = Path(__file__).parent / "scripts" / "grpo_two_process.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models run ~10x faster on one thread than on two when the 2-core box is shared (OpenMP spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def length_reward(completions, **kwargs):

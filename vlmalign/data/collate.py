@@ -18,7 +18,7 @@ Rows reaching this module are already normalised by `vlmalign.data.formats` (mes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -9,7 +9,7 @@ family's chat turns look. Nothing else in the code sniffs config keys or module 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 

@@ -64,18 +64,44 @@ class Built:
 # --------------------------------------------------------------------------------------------------- Qwen2-VL family
 
 
+def _qwen_tokenizer(words, template: str, padding_side: str):
+    """The Qwen-VL tokenizer: ChatML turn markers and vision tokens, eos <|im_end|>, pad <|endoftext|>, no BOS."""
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    return build_tokenizer(
+        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words,
+        chat_template=official_template(template), padding_side=padding_side,
+        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+    )
+
+
+def _qwen_built(tok, config_cls, processor_cls, text_config: dict, vision_config: dict, patch: int,
+                pixels: tuple[int, int], mean_std: tuple[list, list]) -> Built:
+    """A Qwen-VL model config and processor: patches merged 2 x 2, temporal patch 2, images resized to between
+    `pixels[0]` and `pixels[1]` pixels."""
+    ids = tok.convert_tokens_to_ids
+    config = config_cls(
+        text_config=text_config, vision_config=vision_config,
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        patch_size=patch, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": pixels[0], "longest_edge": pixels[1]}, image_mean=mean_std[0], image_std=mean_std[1],
+    )
+    processor = image_only_processor_class(processor_cls)(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
+    return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
+
+
 def _qwen(size: str, words, *, v25: bool) -> Built:
     # Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2.5-VL-3B-Instruct: ChatML with a default system prompt, no BOS, eos
     # <|im_end|>, pad <|endoftext|>; padding side left (Qwen2-VL) / right (Qwen2.5-VL); 14 px patches merged 2 x 2,
     # temporal patch 2: one image token per 28 x 28 px, at least 56 x 56 px (min_pixels 3136).
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tok = build_tokenizer(
-        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words,
-        chat_template=official_template("qwen2_5_vl"), padding_side="right" if v25 else "left",
-        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-    )
+    tok = _qwen_tokenizer(words, "qwen2_5_vl", "right" if v25 else "left")
     ids = tok.convert_tokens_to_ids
     if size == "tiny":  # 56-112 px: 4-16 image tokens
         text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -107,21 +133,8 @@ def _qwen(size: str, words, *, v25: bool) -> Built:
                              num_heads=vision["num_heads"], mlp_ratio=2, patch_size=patch,
                              spatial_merge_size=2, temporal_patch_size=2)
         config_cls, processor_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLProcessor
-    config = config_cls(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    image_processor = transformers.Qwen2VLImageProcessorPil(
-        patch_size=patch, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = image_only_processor_class(processor_cls)(
-        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
-    )
-    return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
+    return _qwen_built(tok, config_cls, processor_cls, text_config, vision_config, patch, (min_pixels, max_pixels),
+                       ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]))
 
 
 def _qwen3(size: str, words, *, moe: bool) -> Built:
@@ -129,14 +142,7 @@ def _qwen3(size: str, words, *, moe: bool) -> Built:
     # BOS, eos <|im_end|>, pad <|endoftext|>, padding side right; 16 px patches merged 2 x 2 (one token per 32 x 32
     # px), interleaved 3-D rotary positions, DeepStack features of intermediate vision layers. Scaled: 64-128 px
     # (4-16 image tokens) in `tiny`, 512 x 512 px (256 tokens) in `small`; MoE: 4 experts, 2 per token.
-    specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-                "<|image_pad|>", "<|video_pad|>"]
-    tok = build_tokenizer(
-        specials, eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_words=words,
-        chat_template=official_template("qwen3_vl"), padding_side="right",
-        extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-    )
+    tok = _qwen_tokenizer(words, "qwen3_vl", "right")
     ids = tok.convert_tokens_to_ids
     text = dict(_TEXT[size], head_dim=16 if size == "tiny" else 64)
     if size == "tiny":
@@ -160,21 +166,8 @@ def _qwen3(size: str, words, *, moe: bool) -> Built:
     vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                          out_hidden_size=text["hidden_size"], hidden_act="gelu_pytorch_tanh")
     config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig
-    config = config_cls(
-        text_config=text_config, vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=False,
-    )
-    image_processor = transformers.Qwen2VLImageProcessorPil(
-        patch_size=16, merge_size=2, temporal_patch_size=2,
-        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-    )
-    processor = image_only_processor_class(transformers.Qwen3VLProcessor)(
-        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
-    )
-    return Built(config, processor, ("<|im_end|>", "<|endoftext|>"))
+    return _qwen_built(tok, config_cls, transformers.Qwen3VLProcessor, text_config, vision_config, 16,
+                       (min_pixels, max_pixels), ([0.5] * 3, [0.5] * 3))
 
 
 # ------------------------------------------------------------------------------------------- shared text settings
