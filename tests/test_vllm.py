@@ -143,7 +143,7 @@ def test_trainer_loss_is_weighted_by_the_sampling_correction(tmp_path, tiny_mode
     """compute_loss hands the buffered TIS weights to the loss: the loss is linear in them (weights 2 -> twice the
     loss; one row weighted at a time -> the parts add up to the unweighted loss; row i weighted i + 1 -> the same
     sum of the parts weighted i + 1)."""
-    args = _config(tmp_path, use_vllm=False, per_device_train_batch_size=8, beta=0.0)
+    args = _config(tmp_path, use_vllm=False, per_device_train_batch_size=4, beta=0.0)
     trainer = GRPOTrainer(model=tiny_model_dir("qwen2_vl"), reward_funcs=[length_reward], args=args,
                           train_dataset=make_dataset("color", "prompt", n=8, seed=0))
     trainer.model.train()
