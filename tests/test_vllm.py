@@ -284,6 +284,8 @@ def test_colocate_trains_with_vllm_logprobs_equal_to_the_trainers(tmp_path, smal
                             batch_size=4)
     mask = out.completion_mask.bool()
     assert (ours - out.sampling_logps).abs()[mask].max().item() < 1e-5
+    vision = torch.tensor(trainer.encoder.family.suppress_token_ids(trainer.processing_class.tokenizer))
+    assert len(vision) and not torch.isin(out.completion_ids[mask], vision).any()     # never sampled
     start = AutoModelForImageTextToText.from_pretrained(path)
     before = completion_logps(start, trainer.encoder, rows, out.completion_ids, out.completion_mask, batch_size=4)
     assert (before - out.sampling_logps).abs()[mask].max().item() > 1e-3
