@@ -143,7 +143,7 @@ def test_trainer_loss_is_weighted_by_the_sampling_correction(tmp_path, tiny_mode
     """compute_loss hands the buffered TIS weights to the loss: the loss is linear in them (weights 2 -> twice the
     loss; one row weighted at a time -> the parts add up to the unweighted loss; row i weighted i + 1 -> the same
     sum of the parts weighted i + 1)."""
-    args = _config(tmp_path, use_vllm=False, per_device_train_batch_size=8, beta=0.0)
+    args = _config(tmp_path, use_vllm=False, per_device_train_batch_size=4, beta=0.0)
     trainer = GRPOTrainer(model=tiny_model_dir("qwen2_vl"), reward_funcs=[length_reward], args=args,
                           train_dataset=make_dataset("color", "prompt", n=8, seed=0))
     trainer.model.train()
@@ -284,6 +284,8 @@ def test_colocate_trains_with_vllm_logprobs_equal_to_the_trainers(tmp_path, smal
                             batch_size=4)
     mask = out.completion_mask.bool()
     assert (ours - out.sampling_logps).abs()[mask].max().item() < 1e-5
+    vision = torch.tensor(trainer.encoder.family.suppress_token_ids(trainer.processing_class.tokenizer))
+    assert len(vision) and not torch.isin(out.completion_ids[mask], vision).any()     # never sampled
     start = AutoModelForImageTextToText.from_pretrained(path)
     before = completion_logps(start, trainer.encoder, rows, out.completion_ids, out.completion_mask, batch_size=4)
     assert (before - out.sampling_logps).abs()[mask].max().item() > 1e-3
