@@ -84,13 +84,9 @@ def token_logps(
     mask = mask.bool()
     mask_flat_hidden = hidden[mask]                # [N, H]
     targets = ids[mask]                            # [N]
-    logps, entropy = token_logprobs_from_hidden(
-        mask_flat_hidden, head, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy
+    logps, entropy, hits = token_logprobs_from_hidden(
+        mask_flat_hidden, head, targets, chunk_size=chunk_size, temperature=temperature, with_entropy=with_entropy,
+        with_hits=True,
     )
-    with torch.no_grad():
-        hits = torch.cat([
-            (head(mask_flat_hidden[i:i + chunk_size]).argmax(-1) == targets[i:i + chunk_size])
-            for i in range(0, targets.numel(), chunk_size)
-        ]) if targets.numel() else targets.bool()
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)
