@@ -230,14 +230,10 @@ def check_settings(lib: str, method: str, model, cfg: dict) -> None:
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    assert bool(checkpointing) == cfg["gradient_checkpointing"], f"{lib} {method}: gradient checkpointing {checkpointing}"
+    assert bool(checkpointing) == cfg["gradient_checkpointing"], f"{lib} {method}: checkpointing {checkpointing}"
     assert hasattr(model, "peft_config") == cfg["lora"], f"{lib} {method}: LoRA {hasattr(model, 'peft_config')}"
-    assert next(model.parameters()).dtype == torch_float32(), f"{lib} {method}: weights {next(model.parameters()).dtype}"
-
-
-def torch_float32():
-    import torch
-    return torch.float32
+    dtype = next(model.parameters()).dtype
+    assert str(dtype) == "torch.float32", f"{lib} {method}: weights {dtype}"
 
 
 class Timers:

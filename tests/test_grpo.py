@@ -346,8 +346,11 @@ def test_shared_prefix_training_passes_equal_the_plain_path(tiny_model_dir, tmp_
             p.add_(0.02 * torch.randn_like(p))
     micro = trainer._buffer.micro_batch(0, 1)
     results = {}
-    for shared in (True, False):
+    # shared prefix, plain path, and shared prefix under gradient checkpointing (every layer replayed)
+    for shared, checkpointing in ((True, False), (False, False), (True, True)):
         trainer.args.shared_prefix = shared
+        if checkpointing:
+            model.gradient_checkpointing_enable()
         inputs = trainer._with_forward_batch(dict(micro))
         assert ("prompt_inputs" in inputs) == shared
         if shared:
@@ -356,12 +359,14 @@ def test_shared_prefix_training_passes_equal_the_plain_path(tiny_model_dir, tmp_
         loss = trainer.compute_loss(trainer.model, inputs)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results[shared] = loss.detach(), grads
-    (loss_s, grad_s), (loss_p, grad_p) = results[True], results[False]
+        results[shared, checkpointing] = loss.detach(), grads
+    model.gradient_checkpointing_disable()
+    loss_p, grad_p = results[False, False]
     assert abs(loss_p.item()) > 1e-4
-    assert abs(loss_s - loss_p) <= 1e-4 * abs(loss_p), (loss_s.item(), loss_p.item())
-    assert (grad_s - grad_p).norm() <= 1e-4 * grad_p.norm(), ((grad_s - grad_p).norm() / grad_p.norm()).item()
-    assert (grad_s - grad_p).abs().max() <= 1e-4 * grad_p.abs().max()
+    for loss_s, grad_s in (results[True, False], results[True, True]):
+        assert abs(loss_s - loss_p) <= 1e-4 * abs(loss_p), (loss_s.item(), loss_p.item())
+        assert (grad_s - grad_p).norm() <= 1e-4 * grad_p.norm(), ((grad_s - grad_p).norm() / grad_p.norm()).item()
+        assert (grad_s - grad_p).abs().max() <= 1e-4 * grad_p.abs().max()
 
 
 def test_lora_reference_is_the_adapter_disabled_policy_and_eval_scores_groups(tiny_model_dir, tmp_path):

@@ -90,6 +90,26 @@ def test_token_logprobs_values_and_entropy(temperature):
     assert none is None
 
 
+def test_token_accuracy_comes_from_the_chunked_projection():
+    """`with_hits`: argmax hits equal the full logits' argmax (several chunks, about half the targets set to the
+    argmax), with and without gradients, and log-probs unchanged."""
+    hidden, head, targets = make()
+    with torch.no_grad():
+        best = head(hidden).argmax(-1)
+    targets = torch.where(torch.arange(N) % 2 == 0, best, targets)
+    expected = best == targets
+    assert 0 < int(expected.sum()) < N
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            logps, entropy, hits = token_logprobs_from_hidden(hidden.requires_grad_(grad), head, targets,
+                                                              chunk_size=CHUNK, with_hits=True)
+        assert entropy is None and hits.dtype == torch.bool
+        assert torch.equal(hits, expected)
+        assert torch.allclose(logps, token_logprobs_from_hidden(hidden, head, targets, chunk_size=CHUNK)[0])
+    empty = token_logprobs_from_hidden(hidden[:0], head, targets[:0], with_hits=True)
+    assert len(empty) == 3 and empty[2].shape == (0,)
+
+
 def test_entropy_of_uniform_head_is_log_vocab():
     hidden = torch.randn(4, H)
     weight = torch.zeros(V, H)

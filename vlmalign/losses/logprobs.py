@@ -96,7 +96,8 @@ def token_logprobs_from_hidden(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     with_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:  # ([N] float32, [N] float32 or None)
+    with_hits: bool = False,
+) -> tuple[Tensor, ...]:  # ([N] float32, [N] float32 or None[, [N] bool])
     """Per-token ``log p(target)`` (and the entropy of the full next-token distribution) from hidden
     states, projecting ``chunk_size`` rows at a time through the LM head: logits are
     ``lm_head(hidden) / temperature`` (projected in the head's dtype, then cast to float32), computed only at
@@ -106,6 +107,9 @@ def token_logprobs_from_hidden(
     keeps only the chunk's inputs and its ``[n]`` outputs, and backward recomputes one chunk's logits at a
     time. Peak extra memory is one ``[chunk_size, V]`` block instead of ``[N, V]``. Gradients flow to
     ``hidden`` and to the head parameters exactly as in the naive computation.
+
+    ``with_hits``: a third result, [N] bool, whether the target is the most likely token (token accuracy), taken
+    from the same chunk logits (no second pass through the head).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -113,29 +117,32 @@ def token_logprobs_from_hidden(
     head_params = params if params else tuple(lm_head.parameters())
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head_params))
 
-    def chunk_fn(h: Tensor, tgt: Tensor, *p: Tensor) -> tuple[Tensor, Tensor]:
+    def chunk_fn(h: Tensor, tgt: Tensor, *p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = project(h, *p).float()  # [n, V]
+        hits = (logits.argmax(dim=-1) == tgt) if with_hits else tgt.new_empty(0, dtype=torch.bool)
         if temperature != 1.0:
             logits = logits / temperature
         logps, entropy = _logprobs_and_entropy(logits, tgt, with_entropy)
-        return logps, (entropy if entropy is not None else logps.new_empty(0))
+        return logps, (entropy if entropy is not None else logps.new_empty(0)), hits
 
-    logps_parts, entropy_parts = [], []
+    logps_parts, entropy_parts, hit_parts = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         h = hidden[start : start + chunk_size]  # [n, H]
         tgt = targets[start : start + chunk_size]  # [n]
         if needs_grad:
-            logps, entropy = checkpoint(chunk_fn, h, tgt, *params, use_reentrant=False)
+            logps, entropy, hits = checkpoint(chunk_fn, h, tgt, *params, use_reentrant=False)
         else:
-            logps, entropy = chunk_fn(h, tgt, *params)
+            logps, entropy, hits = chunk_fn(h, tgt, *params)
         logps_parts.append(logps)
         entropy_parts.append(entropy)
+        hit_parts.append(hits)
 
     if not logps_parts:
         empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, (empty if with_entropy else None)
-    logps = torch.cat(logps_parts)
-    return logps, (torch.cat(entropy_parts) if with_entropy else None)
+        out = (empty, (empty if with_entropy else None))
+        return out + (targets.new_zeros(0, dtype=torch.bool),) if with_hits else out
+    out = (torch.cat(logps_parts), (torch.cat(entropy_parts) if with_entropy else None))
+    return out + (torch.cat(hit_parts),) if with_hits else out
 
 
 def gather_completion_positions(

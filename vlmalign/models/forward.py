@@ -101,15 +101,9 @@ def token_logps(
     mask_flat_hidden = hidden[mask]                # [N, H]
     targets = ids[mask]                            # [N]
     projection, bias = projection_head(head)
-    logps, entropy = token_logprobs_from_hidden(
+    logps, entropy, hits = token_logprobs_from_hidden(
         mask_flat_hidden, projection, targets, bias=bias, chunk_size=chunk_size, temperature=temperature,
-        with_entropy=with_entropy,
+        with_entropy=with_entropy, with_hits=True,
     )
-    project = (lambda h: torch.nn.functional.linear(h, projection, bias)) if torch.is_tensor(projection) else head
-    with torch.no_grad():
-        hits = torch.cat([
-            (project(mask_flat_hidden[i:i + chunk_size]).argmax(-1) == targets[i:i + chunk_size])
-            for i in range(0, targets.numel(), chunk_size)
-        ]) if targets.numel() else targets.bool()
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)
