@@ -108,6 +108,11 @@ def test_engine_matches_one_process(engine, lora, single, tmp_path):
             flat = [(x, y) for p, q in zip(a["advantages"], b["advantages"]) for x, y in zip(p, q)]
             assert any(x != 0 for x, _ in flat) and max(abs(x - y) for x, y in flat) < 1e-6, method
             assert abs(a["loss"][1]) > 1e-3, method        # off-policy step: not 0 by construction
+    # the reference model (DPO) is sharded by the policy's engine; under LoRA there is none (adapters off)
+    if lora:
+        assert "ref_local_fraction" not in two["dpo"]
+    elif engine in ("fsdp2", "zero3"):
+        assert two["dpo"]["ref_local_fraction"] < 0.6, two["dpo"]["ref_local_fraction"]
     # DPO with precomputed reference log-probs: each process computed half of the rows, same losses; refused up
     # front under ZeRO-3 (weights partitioned before the engine exists)
     if engine == "zero3":

@@ -132,6 +132,13 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
     trainer.train()
     if method == "sft":
         trainer.save_model(os.path.join(out_dir, "sft_model"))
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:  # share of the reference model's parameters this process holds (1.0: a full replica)
+        params = list(ref.parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else
+                    p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        captured["ref_local_fraction"] = local / sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                                     for p in params)
     history = trainer.state.log_history
     captured["loss"] = [h["loss"] for h in history if "loss" in h]
     captured["grad_norm"] = [h["grad_norm"] for h in history if "grad_norm" in h]

@@ -71,8 +71,8 @@ def make_reference_model(
     * otherwise a deep copy of the (unwrapped) policy, frozen, on the policy's device.
 
     With an `accelerator`, the model is placed with `accelerator.prepare_model(..., evaluation_mode=True)` (device
-    placement; never DDP, which the reference does not need); under ZeRO-3 it gets a DeepSpeed inference engine
-    of its own (partitioned like the policy, `vlmalign.distributed.reference`)."""
+    placement; never DDP, which the reference does not need); under FSDP2 it is sharded like the policy, under
+    ZeRO-3 it gets a DeepSpeed inference engine of its own (partitioned, `vlmalign.distributed.reference`)."""
     if ref_model is not None:
         from ..models.loading import load_model
 
@@ -103,6 +103,10 @@ def make_reference_model(
     freeze(ref)
     if accelerator is not None and deepspeed_stage(accelerator) == 3:
         ref = zero3_inference_engine(ref, accelerator, args)
+    elif accelerator is not None and getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        ref = fsdp2_prepare_model(accelerator, ref)   # sharded like the policy (accelerate skips eval models)
     elif accelerator is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
     else:
