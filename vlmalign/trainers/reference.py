@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed.gather import is_zero3_partitioned
+from ..distributed.gather import fsdp2_modules, is_zero3_partitioned
 from ..distributed.reference import deepspeed_stage, zero3_inference_engine
 from ..models.forward import token_logps
 
@@ -123,7 +123,13 @@ def reference_forward(model: nn.Module, ref_model: nn.Module | None) -> Iterator
     before any update, e.g. to precompute reference log-probs)."""
     with torch.no_grad():
         if ref_model is not None:
-            yield ref_model
+            try:
+                yield ref_model
+            finally:
+                # FSDP2 keeps the root's parameters (and those of units not resharded after forward) gathered
+                # until backward, which a reference model never runs: shard them again
+                for module in fsdp2_modules(ref_model):
+                    module.reshard()
         elif is_peft_model(model):
             peft_model = _strip_wrappers(model)
             with peft_model.disable_adapter():
