@@ -40,7 +40,10 @@ def _optimizer_state_bytes(trainer) -> int:
     inner = getattr(inner, "optimizer", inner)
     total = 0
     for state in inner.state.values():
-        total += sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel") and v.dim() > 0)
+        for v in state.values():
+            if hasattr(v, "numel") and v.dim() > 0:
+                v = v.to_local() if hasattr(v, "to_local") else v          # FSDP2: the local shard
+                total += v.numel() * v.element_size()
     return total
 
 
@@ -88,7 +91,10 @@ def main() -> None:
     model = str(make_tiny_model("qwen2_vl", "small", tmp / "model", seed=0))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     rows = []
+    chosen = os.environ.get("BENCH_ENGINES")
     for name, launch in ENGINES.items():
+        if chosen and name not in chosen.split(","):
+            continue
         out = tmp / name
         out.mkdir()
         cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", "2",
