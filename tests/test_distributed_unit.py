@@ -9,7 +9,7 @@ from vlmalign.data.synthetic import make_dataset
 from vlmalign.distributed import cpu_engines
 from vlmalign.distributed.saved import missing_saved_files
 from vlmalign.models import vision_balance
-from vlmalign.models.families import get_family
+from vlmalign.models.families import family_names, get_family
 from vlmalign.models.forward import unwrap_model
 
 
@@ -59,20 +59,19 @@ def _text_only_batch(trainer):
     return trainer.data_collator([prepared[i] for i in range(len(prepared))])
 
 
-def test_vision_pass_on_text_only_batch_is_exactly_zero(tiny_model_dir, tmp_path, monkeypatch):
-    """In a multi-process run a text-only batch runs the vision tower on a dummy image: the loss is bit-identical
-    and every vision parameter gets a gradient of exactly 0 (instead of none, which breaks gradient collectives);
-    decoding steps (a non-empty cache) never run it."""
-    trainer = SFTTrainer(model=str(tiny_model_dir("qwen2_vl")), train_dataset=make_dataset("color", "sft", n=4),
+@pytest.mark.parametrize("family", family_names())
+def test_vision_pass_on_text_only_batch_is_exactly_zero(tiny_model_dir, tmp_path, monkeypatch, family):
+    """In a multi-process run a text-only batch runs the vision tower (and projector) on a dummy image: the loss is
+    bit-identical and every vision / projector parameter a batch with images trains gets a gradient of exactly 0
+    (instead of none, which breaks gradient collectives); a deep copy (a frozen reference) runs its own tower."""
+    trainer = SFTTrainer(model=str(tiny_model_dir(family)), train_dataset=make_dataset("color", "sft", n=4),
                          args=SFTConfig(output_dir=str(tmp_path), max_steps=1, disable_tqdm=True, report_to="none"))
     model = trainer.model
-    family = get_family(unwrap_model(model))
+    fam = get_family(unwrap_model(model))
     batch = _text_only_batch(trainer)
     assert "pixel_values" not in batch
-    vision = [p for n, p in model.named_parameters() if family.is_vision_param(n)]
-    calls = []
-    tower = unwrap_model(model).model.visual
-    handle = tower.register_forward_hook(lambda *a: calls.append(1))
+    vision = [p for n, p in model.named_parameters() if fam.is_vision_param(n) or fam.is_projector_param(n)]
+    assert vision
 
     def loss_and_grads(distributed: bool):
         monkeypatch.setattr(vision_balance, "_distributed", lambda: distributed)
@@ -81,19 +80,27 @@ def test_vision_pass_on_text_only_batch_is_exactly_zero(tiny_model_dir, tmp_path
         loss.backward()
         return loss.detach(), [p.grad for p in vision]
 
+    # the parameters a batch with images trains (LLaVA's last vision layer is unused: vision_feature_layer=-2)
+    images = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    assert "pixel_values" in images
+    model.zero_grad(set_to_none=True)
+    trainer.compute_loss(model, images).backward()
+    used = [p.grad is not None for p in vision]
+    assert any(used)
     plain_loss, plain_grads = loss_and_grads(False)
-    assert calls == [] and all(g is None for g in plain_grads)
+    assert all(g is None for g in plain_grads)
     loss, grads = loss_and_grads(True)
-    assert calls == [1]
     assert torch.equal(loss, plain_loss)
-    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
-    # the reference copy of the model carries working hooks of its own
+    assert [g is not None for g in grads] == used
+    assert all(torch.count_nonzero(g) == 0 for g in grads if g is not None)
+    # decoding steps (a non-empty cache) never run the tower; a deep copy runs its own
     import copy
 
-    handle.remove()
+    model.zero_grad(set_to_none=True)
     ref = copy.deepcopy(unwrap_model(model))
-    ref_calls = []
-    ref.model.visual.register_forward_hook(lambda *a: ref_calls.append(1))
-    with torch.no_grad():
-        ref(**{k: v for k, v in batch.items() if k != "labels"})
-    assert ref_calls == [1]
+    ref_vision = [p for n, p in ref.named_parameters() if fam.is_vision_param(n) or fam.is_projector_param(n)]
+    out = ref(**{k: v for k, v in batch.items() if k != "labels"})
+    out.logits.sum().backward()
+    assert [p.grad is not None for p in ref_vision] == used
+    assert all(torch.count_nonzero(p.grad) == 0 for p in ref_vision if p.grad is not None)
+    assert all(p.grad is None for p in vision)            # the copy's pass did not touch the policy

@@ -1,6 +1,7 @@
 """Every method on every engine equals the one-process run (tests/scripts/engine_matrix.py).
 
 Each cell is one `accelerate launch` of 2 CPU processes (gloo) running SFT, DPO, MPO, GRPO and GSPO in sequence
+(and DPO with precomputed reference log-probs, sharded across the processes)
 on the tiny Qwen2-VL, 2 optimizer steps each, with the shipped accelerate configs of examples/accelerate
 (`--num_processes 2 --mixed_precision no` on top). vlmalign engages FSDP / DeepSpeed on a CPU-only machine itself
 (vlmalign.distributed.cpu_engines); each cell checks that the engine it asked for is the one that ran. The data put
@@ -55,7 +56,7 @@ def _run(cmd: list[str]) -> None:
 
 
 def _results(folder: Path) -> dict:
-    return {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS}
+    return {m: json.loads((folder / f"{m}.json").read_text()) for m in METHODS + ("dpo_pre",)}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,19 @@ def test_engine_matches_one_process(engine, lora, single, tmp_path):
             flat = [(x, y) for p, q in zip(a["advantages"], b["advantages"]) for x, y in zip(p, q)]
             assert any(x != 0 for x, _ in flat) and max(abs(x - y) for x, y in flat) < 1e-6, method
             assert abs(a["loss"][1]) > 1e-3, method        # off-policy step: not 0 by construction
+    # the reference model (DPO) is sharded by the policy's engine; under LoRA there is none (adapters off)
+    if lora:
+        assert "ref_local_fraction" not in two["dpo"]
+    elif engine in ("fsdp2", "zero3"):
+        assert two["dpo"]["ref_local_fraction"] < 0.6, two["dpo"]["ref_local_fraction"]
+    # DPO with precomputed reference log-probs: each process computed half of the rows, same losses; refused up
+    # front under ZeRO-3 (weights partitioned before the engine exists)
+    if engine == "zero3":
+        assert "ZeRO-3" in two["dpo_pre"]["refused"]
+    else:
+        assert one["dpo_pre"]["precomputed_rows"] == [[16]] and two["dpo_pre"]["precomputed_rows"] == [[8, 8]]
+        assert all(_close(x, y) for x, y in zip(one["dpo_pre"]["loss"], two["dpo_pre"]["loss"]))
+        assert all(_close(x, y) for x, y in zip(one["dpo"]["loss"], one["dpo_pre"]["loss"]))
     # the first step put only text rows on one process: the engine ran a process without images
     assert two["sft"]["has_images"][0] == [True, False] and one["sft"]["has_images"][0] == [True]
     # saving: the same weights, in a folder that loads

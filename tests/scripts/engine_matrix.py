@@ -6,7 +6,8 @@ so every logged loss, GRPO completion and advantage must match the one-process r
 The data put image rows on one process and text-only rows on the other at the first step (sequential order; for
 GRPO prompts 0-1 have an image, 2-3 none), so a process runs a step without any image.
 SFT also saves its final model to OUT_DIR/sft_model (every engine must write a folder `from_pretrained` loads).
-Writes OUT_DIR/<method>.json from the main process. Env: METHODS (comma list, default all five)."""
+Writes OUT_DIR/<method>.json from the main process. Env: METHODS (comma list, default the five and
+"dpo_pre": DPO with precomputed reference log-probs)."""
 
 import json
 import os
@@ -84,11 +85,28 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
             return compute_loss(model_, inputs, *args, **kwargs)
 
         trainer.compute_loss = record_images
-    elif method in ("dpo", "mpo"):
+    elif method in ("dpo", "mpo", "dpo_pre"):
         data = mixed("preference", ROWS * STEPS, ("prompt",), range(ROWS // 2, ROWS))
         extra = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]} if method == "mpo" else {}
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common(out_dir, method, world, ROWS // world), **extra),
-                             train_dataset=data, peft_config=peft)
+        if method == "dpo_pre":  # reference log-probs precomputed, each process a share of the rows
+            extra = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 4}
+            import vlmalign.trainers.dpo as dpo_module
+
+            precompute = dpo_module.precompute_reference_logps
+
+            def counted(model_, ref, rows, *args, **kwargs):
+                captured.setdefault("precomputed_rows", []).append(gather_object([len(rows)]))
+                return precompute(model_, ref, rows, *args, **kwargs)
+
+            dpo_module.precompute_reference_logps = counted
+        try:
+            trainer = DPOTrainer(model=model, args=DPOConfig(**common(out_dir, method, world, ROWS // world), **extra),
+                                 train_dataset=data, peft_config=peft)
+        except ValueError as err:  # a combination the engine refuses up front
+            return {"refused": str(err), "world_size": world}
+        finally:
+            if method == "dpo_pre":
+                dpo_module.precompute_reference_logps = precompute
     else:
         data = mixed("prompt", 8, ("prompt",), range(2, 4))
         kw = dict(num_generations=4, max_completion_length=5, num_iterations=2, shuffle_dataset=False)
@@ -114,6 +132,13 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
     trainer.train()
     if method == "sft":
         trainer.save_model(os.path.join(out_dir, "sft_model"))
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:  # share of the reference model's parameters this process holds (1.0: a full replica)
+        params = list(ref.parameters())
+        local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else
+                    p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        captured["ref_local_fraction"] = local / sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                                     for p in params)
     history = trainer.state.log_history
     captured["loss"] = [h["loss"] for h in history if "loss" in h]
     captured["grad_norm"] = [h["grad_norm"] for h in history if "grad_norm" in h]
@@ -123,7 +148,7 @@ def run(method: str, model: str, out_dir: str, lora: bool) -> dict:
 
 
 def main(model: str, out_dir: str, lora: str = "") -> None:
-    methods = os.environ.get("METHODS", "sft,dpo,mpo,grpo,gspo").split(",")
+    methods = os.environ.get("METHODS", "sft,dpo,mpo,grpo,gspo,dpo_pre").split(",")
     os.makedirs(out_dir, exist_ok=True)
     try:
         for method in methods:

@@ -18,6 +18,8 @@ def fsdp_version(args) -> int | None:
     set (transformers' default 2), else accelerate launch's ``FSDP_VERSION`` (accelerate's default 1)."""
     if getattr(args, "fsdp", None):
         config = getattr(args, "fsdp_config", None) or {}
+        if not isinstance(config, dict):  # a JSON file path: transformers reads it later; assume its default
+            return 2
         return int(config.get("version", config.get("fsdp_version", 2)))
     if requested_engine() == "fsdp":
         return int(os.environ.get("FSDP_VERSION", "1"))

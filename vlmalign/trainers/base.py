@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determ
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
 from ..data.sources import shuffled, source_rows
-from ..distributed import cpu_engines
+from ..distributed import clean_exit, cpu_engines
 from ..distributed.gather import zero3_engine
 from ..distributed.checks import check_engine
 from ..models.families import Family, get_family
@@ -269,6 +269,8 @@ class VLMTrainer(MetricsMixin, Trainer):
                 if issubclass(c, VLMTrainer) and "model_accepts_loss_kwargs" in vars(c)]
         if ours:
             self.model_accepts_loss_kwargs = ours[0]
+        if args.world_size > 1:
+            clean_exit.register()   # no gloo teardown at interpreter finalisation (distributed/clean_exit.py)
 
     def balance_vision(self, model) -> None:
         """Install the zero-weighted vision pass for image-free batches on `model` (policy or reference), so a

@@ -15,9 +15,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 
 from ..data.collate import PreferenceCollator
 from ..data.formats import _column_names
+from ..distributed.gather import is_zero3_partitioned
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from .base import BaseConfig, VLMTrainer
 from .trl_fields import DPOTrlFields, check_trl_arguments
@@ -89,6 +91,19 @@ class DPOConfig(BaseConfig, DPOTrlFields):
         super().__post_init__()
 
 
+class _Shard:
+    """The rows of `rows` at `positions` (one process's share of a precompute)."""
+
+    def __init__(self, rows, positions):
+        self.rows, self.positions = rows, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[self.positions[i]]
+
+
 @dataclass
 class DPOCollator(PreferenceCollator):
     """`PreferenceCollator` + the rows' precomputed reference log-probs, when they carry them ([B] each)."""
@@ -129,6 +144,11 @@ class DPOTrainer(VLMTrainer):
         super().__init__(model, args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, peft_config=peft_config, callbacks=callbacks, **kwargs)
         precompute = args.precompute_ref_log_probs
+        if precompute and any(is_zero3_partitioned(p) for p in self.model.parameters()):
+            raise ValueError("precompute_ref_log_probs=True cannot run under DeepSpeed ZeRO-3: the precompute runs "
+                             "before DeepSpeed builds its engine, while the loaded weights are already partitioned. "
+                             "Set precompute_ref_log_probs=False (the reference then runs partitioned alongside the "
+                             "policy) or use ZeRO-2 / FSDP2.")
         self.ref_model = make_reference_model(self.model, args, ref_model, None if precompute else self.accelerator)
         if self.ref_model is not None:
             self.balance_vision(self.ref_model)
@@ -146,11 +166,18 @@ class DPOTrainer(VLMTrainer):
     def _precompute_reference(self) -> None:
         size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
 
+        acc = self.accelerator
+        rank, world = acc.process_index, acc.num_processes
+
         def attach(rows, name):
             if rows is None or isinstance(rows, RowsWithReferenceLogps):
                 return rows
-            table = precompute_reference_logps(self.model, self.ref_model, rows, self.data_collator,
+            # each process computes every world-th row, then the tables are merged on every process
+            shard = _Shard(rows, range(rank, len(rows), world)) if world > 1 else rows
+            table = precompute_reference_logps(self.model, self.ref_model, shard, self.data_collator,
                                                batch_size=size, desc=f"reference log-probs ({name})")
+            if world > 1:
+                table = {k: v for part in gather_object([table]) for k, v in part.items()}
             return RowsWithReferenceLogps(rows, table)
 
         self.train_dataset = attach(self.train_dataset, "train")

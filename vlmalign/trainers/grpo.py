@@ -14,9 +14,9 @@ Batch geometry (TRL 1.16's; W processes, G = `num_generations`; see `vlmalign.rl
   the current log-probs, detached (ratio 1), as in TRL.
 
 Per generation batch: each process samples its completions (one random stream per completion, so the result does
-not depend on the number of processes: `vlmalign.rl.sampling`), the prompts / completions / columns of all processes
-are gathered and every process computes the rewards and group advantages of the whole batch (groups may be split
-across processes) and keeps its slice. Loss normalisation: `dapo` divides the summed token loss by the loss tokens
+not depend on the number of processes: `vlmalign.rl.sampling`) and scores them with the reward functions (as TRL
+does); only the reward tensors are gathered, and every process computes the group advantages of the whole batch
+(groups may be split across processes) and keeps its slice. Loss normalisation: `dapo` divides the summed token loss by the loss tokens
 of the whole generation batch, scaled to one optimiser step and to DDP's gradient averaging
 (`N * GA / (steps_per_generation * W)`, TRL's); `grpo`, `bnpo` and `dr_grpo` are micro-batch means divided by GA.
 Log-probs (policy, old, reference) are those of the sampling distribution, logits / `temperature`, as in TRL.
@@ -295,14 +295,16 @@ class GRPOTrainer(VLMTrainer):
         ids, mask = rollout.completion_ids.to(device), rollout.completion_mask.to(device)
         truncated = rollout.truncated.to(device)
 
-        # rewards and advantages over the whole generation batch (all processes), then this process's slice
+        # rewards where the completions are (this process's rows), then only the reward tensors are gathered:
+        # advantages over the whole generation batch (groups may be split across processes), then this slice
         local_ids = [c[m.bool()].tolist() for c, m in zip(ids.cpu(), mask.cpu())]
-        all_rows, all_texts, all_ids = gather_object(rows), gather_object(rollout.texts), gather_object(local_ids)
         # every column of every row (rows may be plain dicts with differing keys): missing values are None
-        names = dict.fromkeys(k for r in all_rows for k in r if k != "prompt")
-        columns = {k: [r.get(k) for r in all_rows] for k in names}
-        per_func, total = compute_rewards(self.reward_funcs, [r["prompt"] for r in all_rows], all_texts, all_ids,
+        names = dict.fromkeys(k for r in rows for k in r if k != "prompt")
+        columns = {k: [r.get(k) for r in rows] for k in names}
+        per_func, total = compute_rewards(self.reward_funcs, [r["prompt"] for r in rows], rollout.texts, local_ids,
                                           columns, args.reward_weights)
+        if world > 1:
+            per_func, total = acc.gather(per_func.to(device)).cpu(), acc.gather(total.to(device)).cpu()
         advantages, group_stats = group_advantages(total, args.num_generations, args.scale_rewards)
 
         loss_mask = mask * (~truncated).unsqueeze(1).to(mask.dtype) if args.mask_truncated_completions else mask
@@ -324,13 +326,16 @@ class GRPOTrainer(VLMTrainer):
         metrics.update(completion_metrics(acc.gather(mask.sum(1)), acc.gather(truncated.long())))
         for name, value in metrics.items():
             self.record(name, value)
-        if (args.log_completions and mode == "train" and acc.is_main_process
-                and self.state.global_step % args.completions_log_steps == 0):
-            write_completions_log(f"{args.output_dir}/completions.jsonl", self.state.global_step, all_rows,
-                                  all_texts, per_func, self.reward_func_names, total, advantages)
-            for i in range(min(args.num_completions_to_print or 0, len(all_texts))):  # TRL's option: print some
-                logger.info("step %d completion %d (reward %.4g, advantage %.4g): %r", self.state.global_step, i,
-                            float(total[i]), float(advantages[i]), all_texts[i])
+        if args.log_completions and mode == "train" and self.state.global_step % args.completions_log_steps == 0:
+            light = [{k: v for k, v in r.items() if k not in ("images", "image")} | {"images": [None] * len(
+                r.get("images") or [])} for r in rows]          # image count only: no image crosses processes
+            all_rows, all_texts = gather_object(light), gather_object(rollout.texts)
+            if acc.is_main_process:
+                write_completions_log(f"{args.output_dir}/completions.jsonl", self.state.global_step, all_rows,
+                                      all_texts, per_func, self.reward_func_names, total, advantages)
+                for i in range(min(args.num_completions_to_print or 0, len(all_texts))):  # TRL's option
+                    logger.info("step %d completion %d (reward %.4g, advantage %.4g): %r", self.state.global_step,
+                                i, float(total[i]), float(advantages[i]), all_texts[i])
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
                                num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed.gather import is_zero3_partitioned
+from ..distributed.gather import fsdp2_modules, is_zero3_partitioned
 from ..distributed.reference import deepspeed_stage, zero3_inference_engine
 from ..models.forward import token_logps
 
@@ -71,8 +71,8 @@ def make_reference_model(
     * otherwise a deep copy of the (unwrapped) policy, frozen, on the policy's device.
 
     With an `accelerator`, the model is placed with `accelerator.prepare_model(..., evaluation_mode=True)` (device
-    placement; never DDP, which the reference does not need); under ZeRO-3 it gets a DeepSpeed inference engine
-    of its own (partitioned like the policy, `vlmalign.distributed.reference`)."""
+    placement; never DDP, which the reference does not need); under FSDP2 it is sharded like the policy, under
+    ZeRO-3 it gets a DeepSpeed inference engine of its own (partitioned, `vlmalign.distributed.reference`)."""
     if ref_model is not None:
         from ..models.loading import load_model
 
@@ -103,6 +103,10 @@ def make_reference_model(
     freeze(ref)
     if accelerator is not None and deepspeed_stage(accelerator) == 3:
         ref = zero3_inference_engine(ref, accelerator, args)
+    elif accelerator is not None and getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        ref = fsdp2_prepare_model(accelerator, ref)   # sharded like the policy (accelerate skips eval models)
     elif accelerator is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
     else:
@@ -119,7 +123,13 @@ def reference_forward(model: nn.Module, ref_model: nn.Module | None) -> Iterator
     before any update, e.g. to precompute reference log-probs)."""
     with torch.no_grad():
         if ref_model is not None:
-            yield ref_model
+            try:
+                yield ref_model
+            finally:
+                # FSDP2 keeps the root's parameters (and those of units not resharded after forward) gathered
+                # until backward, which a reference model never runs: shard them again
+                for module in fsdp2_modules(ref_model):
+                    module.reshard()
         elif is_peft_model(model):
             peft_model = _strip_wrappers(model)
             with peft_model.disable_adapter():
