@@ -36,6 +36,12 @@ def length_reward(completions, **kwargs):
     return [float(len(c) % 5) + 0.5 * c.count("e") for c in completions]
 
 
+def text_reward(completions, **kwargs):
+    """Distinguishes almost any two different completions (length_reward ties for 1 group in 5: with G=2 and
+    a handful of groups every group can tie, and then nothing is learned)."""
+    return [float(sum(map(ord, c)) % 101) for c in completions]
+
+
 def _config(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
                 max_completion_length=5, learning_rate=1e-2, max_steps=2, logging_steps=1, save_strategy="no",
@@ -377,7 +383,7 @@ def test_lora_reference_is_the_adapter_disabled_policy_and_eval_scores_groups(ti
     model, processor = _load(tiny_model_dir("qwen2_vl"))
     args = _config(tmp_path, per_device_train_batch_size=4, num_generations=2, num_iterations=2, beta=0.04,
                    eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4)
-    trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args,
+    trainer = GRPOTrainer(model=model, reward_funcs=[text_reward], args=args,
                           train_dataset=make_dataset("color", "prompt", n=8, seed=0),
                           eval_dataset=make_dataset("color", "prompt", n=3, seed=0, split="test"),
                           processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8))
