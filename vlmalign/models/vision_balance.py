@@ -51,7 +51,9 @@ def _merged_features(output):
     counts every output of a module that backward reaches)."""
     pooled = getattr(output, "pooler_output", None)
     if pooled is not None:
-        return pooled
+        # Qwen3-VL also merges DeepStack features (intermediate vision layers) into early decoder layers
+        deepstack = getattr(output, "deepstack_features", None)
+        return pooled if deepstack is None else (pooled, deepstack)
     if hasattr(output, "to_tuple"):
         return output.to_tuple()[0]
     return output
