@@ -6,8 +6,10 @@ plain `transformers.TrainingArguments` field; docs/trl-compatibility.md is gener
 (benchmarks/make_trl_compat_table.py).
 
 Statuses: ``acts`` (accepted, acts as in TRL), ``differs`` (accepted; the note says how vlmalign differs),
-``refused`` (accepted only at TRL's default; the note is the error message), ``vllm`` (vLLM generation options:
-their own work item; refused for now), ``packing`` (packing / padding-free: their own work item; refused for now).
+``refused`` (accepted only at TRL's default; the note is the error message), ``packing`` (packing options that are
+not implemented: DPO's padding_free, packing_strategy, eval_packing; refused like ``refused``). The vLLM options
+(``use_vllm``, ``vllm_*``) are fields of `vlmalign.rl.vllm_config.VLLMArguments`; SFT's padding_free / packing
+are fields of `SFTConfig`.
 """
 
 from __future__ import annotations
@@ -15,16 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-_VLLM = ("vLLM generation is not available in this build of vlmalign (its own work item); generation runs in "
-         "the training process with transformers' generate. Leave the vllm_* options at their defaults.")
 _PACKING = ("packing / padding-free batches are not available yet (their own work item); vlmalign pads each "
             "batch to its longest row. Leave packing / padding_free off.")
 
 # name -> (status, note); notes of refused options are the error messages
 COMMON = {
     "trust_remote_code": ("acts", "Passed to from_pretrained for the model and the processor."),
-    "router_aux_loss_coef": ("refused", "no vlmalign model family is a mixture of experts, so there is no router "
-                             "auxiliary loss to weight; leave router_aux_loss_coef unset."),
+    "router_aux_loss_coef": ("refused", "the router auxiliary loss is not wired into vlmalign's losses yet (the "
+                             "Qwen3-VL-MoE family trains without it); leave router_aux_loss_coef unset."),
     "dataset_num_proc": ("differs", "Accepted (scripts read it for their own dataset.map); vlmalign's row "
                          "validation runs in the main process, as it decodes each image once."),
     "truncation_mode": ("differs", "vlmalign never cuts a sequence (a cut can split an image's tokens): rows longer "
