@@ -52,7 +52,14 @@ def logprobs_mode(sampling: SamplingConfig) -> str:
 
 
 def prompt_text(encoder: Encoder, row: dict) -> str:
-    return encoder.processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    """The prompt as the trainer renders it (`Supervisor.render`). vLLM tokenises text prompts with special tokens
+    added: where the template renders BOS and the tokenizer adds it too (Idefics3, Gemma 3), the rendered BOS is
+    dropped so vLLM sees it once, as the trainer does (never two BOS)."""
+    text = encoder.supervisor.render(row["prompt"], True)
+    tokenizer = encoder.processor.tokenizer
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
 
 def sampling_params(encoder: Encoder, sampling: SamplingConfig, seed: int) -> dict:
