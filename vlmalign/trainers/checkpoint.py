@@ -108,21 +108,26 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), TRAINER_STATE_NAME))
 
 
+def numbered_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """The `checkpoint-N` folders of `output_dir`, newest (highest N) first; [] when the folder does not exist."""
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The `checkpoint-N` folder of the highest N that holds a trainer state; None if there is none.
 
     With atomic saves every `checkpoint-N` folder is complete; folders written by other tools (or copied by hand)
     without trainer_state.json are skipped with a warning rather than resumed from (transformers would silently
     restart from step 0 with their weights)."""
-    output_dir = os.fspath(output_dir)
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    for _, path in sorted(found, reverse=True):
+    for path in numbered_checkpoints(output_dir):
         if is_complete_checkpoint(path):
             return path
         logger.warning("Skipping %s: no %s (not a complete checkpoint)", path, TRAINER_STATE_NAME)
@@ -314,15 +319,7 @@ def check_same_model(path: str | os.PathLike, model_config) -> None:
 def last_resumable_checkpoint(output_dir: str | os.PathLike, *, need_optimizer: bool = True) -> str | None:
     """The newest `checkpoint-N` that `checkpoint_problem` accepts; newer broken ones are skipped with a warning
     naming the bad file."""
-    output_dir = os.fspath(output_dir)
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    for _, path in sorted(found, reverse=True):
+    for path in numbered_checkpoints(output_dir):
         problem = checkpoint_problem(path, need_optimizer=need_optimizer)
         if problem is None:
             return path
