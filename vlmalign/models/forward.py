@@ -107,3 +107,12 @@ def token_logps(
     )
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)
+
+
+def rope_index_fn(model):
+    """The model's `get_rope_index` (Qwen's 3-D rotary positions), on the model or its inner `.model`."""
+    base = unwrap_model(model)
+    for module in (base, getattr(base, "model", None)):
+        if module is not None and hasattr(module, "get_rope_index"):
+            return module.get_rope_index
+    raise AttributeError(f"{type(base).__name__} has no get_rope_index (needed for 3-D rotary positions)")

@@ -33,7 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
 from .families import get_family
-from .forward import unwrap_model
+from .forward import rope_index_fn, unwrap_model
 
 PACKED_ATTENTION = "vlmalign_packed_sdpa"
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -85,14 +85,6 @@ def packed_attention(model: nn.Module):
         config._attn_implementation = previous
 
 
-def _rope_index_fn(model: nn.Module):
-    base = unwrap_model(model)
-    for module in (base, getattr(base, "model", None)):
-        if module is not None and hasattr(module, "get_rope_index"):
-            return module.get_rope_index
-    raise AttributeError(f"{type(base).__name__} has no get_rope_index (needed for 3-D rotary positions)")
-
-
 def pack_rows(model: nn.Module, batch: dict) -> dict:
     """The packed form [1, L] of a padded batch [B, T] (module docstring). Raises on a batch key whose layout is
     unknown (so nothing is dropped silently)."""
@@ -130,7 +122,7 @@ def pack_rows(model: nn.Module, batch: dict) -> dict:
         else:
             extra = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
                      if batch.get(k) is not None}
-            positions, _ = _rope_index_fn(model)(ids, mm_token_type_ids=batch[family.token_type_key],
+            positions, _ = rope_index_fn(model)(ids, mm_token_type_ids=batch[family.token_type_key],
                                                  attention_mask=batch["attention_mask"], **extra)  # [3, B, T]
             spatial = positions[:, real].unsqueeze(1)                          # [3, 1, L]
         out["position_ids"] = torch.cat([text_positions.unsqueeze(0), spatial.to(text_positions.device)], dim=0)

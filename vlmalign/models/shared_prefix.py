@@ -48,7 +48,7 @@ from torch import nn
 
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
-from .forward import _softcap, lm_head_bypassed, projection_head, token_logps, unwrap_model
+from .forward import _softcap, lm_head_bypassed, projection_head, rope_index_fn, token_logps, unwrap_model
 from .prefix_cache import ExpandedPrefixCache, PromptCache, cache_through_checkpoints, custom_checkpoint_function
 
 logger = logging.getLogger(__name__)
@@ -130,14 +130,6 @@ def plain_batch(prompt_batch: dict, completion_ids: torch.Tensor, completion_mas
 # ------------------------------------------------------------------------------------------------------ positions
 
 
-def _rope_index_fn(model: nn.Module):
-    base = unwrap_model(model)
-    for module in (base, getattr(base, "model", None)):
-        if module is not None and hasattr(module, "get_rope_index"):
-            return module.get_rope_index
-    raise AttributeError(f"{type(base).__name__} has no get_rope_index (needed for 3-D rotary positions)")
-
-
 def mrope_positions(model: nn.Module, family: Family, prompt_batch: dict, completion_mask: torch.Tensor,
                     index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D rotary positions of the plain path, split: prompt positions [3, B, P] and completion positions
@@ -156,7 +148,7 @@ def mrope_positions(model: nn.Module, family: Family, prompt_batch: dict, comple
         return prompt, completion.expand(3, index.numel(), -1)
     extra = {k: prompt_batch[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
              if prompt_batch.get(k) is not None}
-    prompt, deltas = _rope_index_fn(model)(ids, mm_token_type_ids=prompt_batch[family.token_type_key],
+    prompt, deltas = rope_index_fn(model)(ids, mm_token_type_ids=prompt_batch[family.token_type_key],
                                            attention_mask=mask, **extra)          # [3, B, P], [B, 1]
     n_prompt = mask.sum(dim=1, keepdim=True)                                       # [B, 1]
     cmask = completion_mask.long()
