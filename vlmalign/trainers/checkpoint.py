@@ -108,8 +108,9 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), TRAINER_STATE_NAME))
 
 
-def numbered_checkpoints(output_dir: str | os.PathLike) -> list[str]:
-    """The `checkpoint-N` folders of `output_dir`, newest (highest N) first; [] when the folder does not exist."""
+def checkpoints_by_step(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, path) of the `checkpoint-N` folders directly under `output_dir`, oldest first; [] when the folder does
+    not exist."""
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
         return []
@@ -118,7 +119,12 @@ def numbered_checkpoints(output_dir: str | os.PathLike) -> list[str]:
         match = _CHECKPOINT_RE.match(name)
         if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return [path for _, path in sorted(found, reverse=True)]
+    return sorted(found)
+
+
+def numbered_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """The `checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    return [path for _, path in reversed(checkpoints_by_step(output_dir))]
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:

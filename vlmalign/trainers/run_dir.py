@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -32,23 +31,10 @@ LOCK_NAME = ".vlmalign.lock"
 RUN_NAME = ".vlmalign_run.json"
 STATE_NAME = "vlmalign_state.json"
 PREVIOUS_RUNS = "previous-runs"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class OutputDirInUseError(RuntimeError):
     """The output folder is locked by another run, or holds another run's checkpoints."""
-
-
-def checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of the ``checkpoint-N`` folders directly under `output_dir`, by step."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = _CHECKPOINT_RE.match(name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return sorted(found)
 
 
 def checkpoint_run_id(checkpoint_dir: str) -> str | None:
@@ -135,7 +121,7 @@ def start_run(output_dir: str, resume_from: str | None, overwrite: bool) -> str:
         run_id = checkpoint_run_id(resume_from) or _read_json(os.path.join(output_dir, RUN_NAME)).get("run_id")
         run_id = run_id or uuid.uuid4().hex
     else:
-        existing = checkpoints(output_dir)
+        existing = ckpt.checkpoints_by_step(output_dir)
         if existing and not overwrite:
             names = ", ".join(os.path.basename(p) for _, p in existing[:5]) + (" ..." if len(existing) > 5 else "")
             raise OutputDirInUseError(
@@ -165,7 +151,7 @@ def rotate_own_checkpoints(output_dir: str, save_total_limit: int | None, run_id
     of any other run, or without a run id, are never touched. Returns the deleted paths."""
     if not save_total_limit or save_total_limit <= 0:
         return []
-    own = [path for _, path in checkpoints(output_dir) if checkpoint_run_id(path) == run_id]
+    own = [path for _, path in ckpt.checkpoints_by_step(output_dir) if checkpoint_run_id(path) == run_id]
     best = os.path.abspath(best_model_checkpoint) if best_model_checkpoint else None
     # like transformers: the best checkpoint is kept, and with a limit of 1 the newest is kept too
     limit = 2 if save_total_limit == 1 and best and own and os.path.abspath(own[-1]) != best else save_total_limit
