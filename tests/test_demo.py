@@ -3,7 +3,7 @@
 
 import json
 
-from vlmalign.demo import run_demo
+from vlmalign.recipes.demo import run_demo
 
 
 def test_demo_writes_a_complete_report(tmp_path):

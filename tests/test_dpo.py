@@ -229,7 +229,7 @@ def test_per_row_images_every_family(family, tmp_path):
 
 
 def test_pick_pair_rules():
-    from vlmalign.data.preferences import _pick_pair
+    from vlmalign.recipes.preferences import _pick_pair
 
     gold = ("<answer>red</answer>", 1.0)
     right, wrong, other_wrong = ("<answer>red</answer>", 1.0), ("<answer>blue</answer>", 0.0), ("green", 0.0)
@@ -247,7 +247,7 @@ def test_pick_pair_rules():
 @pytest.mark.parametrize("chosen", ["best", "gold"])
 def test_make_preferences_builds_valid_on_policy_pairs(tiny, chosen):
     from vlmalign.data.formats import validate_dataset
-    from vlmalign.data.preferences import make_preferences
+    from vlmalign.recipes.preferences import make_preferences
 
     path, proc = tiny
     model = load_model(str(path))
@@ -319,7 +319,7 @@ DPO_STEPS = 150
 def sft_then_preferences(root, seed: int, sft_steps: int = 40, num_prompts: int = 1000):
     """The feasibility recipe's start: a tiny Qwen2-VL after a short SFT (held-out greedy accuracy ~0.3-0.6) and
     on-policy preference pairs sampled from it on training-split prompts."""
-    from vlmalign.data.preferences import make_preferences
+    from vlmalign.recipes.preferences import make_preferences
     from vlmalign.eval.evaluate import evaluate
     from vlmalign.trainers.sft import SFTConfig, SFTTrainer
 

@@ -20,7 +20,7 @@ from vlmalign.models.families import family_names, get_family
 from vlmalign.models.loading import load_processor
 from vlmalign.data.collate import Encoder
 from vlmalign.models.tiny import build_tiny_model, make_tiny_model, official_template
-from vlmalign.models.tokenizer import ANSWER_TAGS
+from vlmalign.models.vocabulary import ANSWER_TAGS, TASK_WORDS
 
 FAMILIES = family_names()
 
@@ -156,10 +156,6 @@ def test_parameter_count(tiny):
 
 def test_tokenizer_words_and_tags(tiny):
     tok = tiny.tokenizer
-    try:
-        from vlmalign.data.synthetic import TASK_WORDS
-    except ImportError:
-        TASK_WORDS = []
     for word in TASK_WORDS:
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word
         assert len(tok.encode(" " + word, add_special_tokens=False)) == 1, word

@@ -8,6 +8,7 @@ _LAZY = {
     "GRPOConfig": "vlmalign.trainers.grpo", "GRPOTrainer": "vlmalign.trainers.grpo",
     "make_tiny_model": "vlmalign.models.tiny", "load_processor": "vlmalign.models.loading",
     "make_dataset": "vlmalign.data.synthetic", "evaluate": "vlmalign.eval.evaluate",
+    "make_preferences": "vlmalign.recipes.preferences", "run_demo": "vlmalign.recipes.demo",
     # TRL's script helpers (a TRL script runs after changing its `from trl import ...` lines)
     "TrlParser": "vlmalign.scripts_utils", "ScriptArguments": "vlmalign.scripts_utils",
     "ModelConfig": "vlmalign.scripts_utils", "get_peft_config": "vlmalign.scripts_utils",

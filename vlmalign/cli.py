@@ -256,7 +256,7 @@ def eval_command(argv: list[str]) -> None:
 
 def make_preferences_command(argv: list[str]) -> None:
     from .data.io import load_dataset_any, save_dataset
-    from .data.preferences import make_preferences
+    from .recipes.preferences import make_preferences
     from .models.loading import load_model, load_processor
 
     p = argparse.ArgumentParser(prog="vlmalign make-preferences",
@@ -281,7 +281,7 @@ def make_preferences_command(argv: list[str]) -> None:
 
 
 def demo_command(argv: list[str]) -> None:
-    from .demo import main as demo_main
+    from .recipes.demo import main as demo_main
     demo_main(argv)
 
 

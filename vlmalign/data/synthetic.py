@@ -36,35 +36,23 @@ from PIL import Image, ImageDraw
 
 import datasets
 
+from ..models.vocabulary import ANSWER_TAGS, COLORS, DIGITS, KINDS, SIDES, TASK_WORDS  # noqa: F401 (re-exported)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Vocabulary
 # ---------------------------------------------------------------------------------------------------------------
 
-#: The shape colours and their exact RGB values. Every colour has a channel below 200, so it can never be
-#: mistaken for the pale background (all channels in 200..255).
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0),
-    "green": (0, 160, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 220, 0),
-    "purple": (128, 0, 128),
-    "orange": (255, 128, 0),
-}
-COLORS: list[str] = list(PALETTE)
-KINDS: list[str] = ["circle", "square", "triangle"]
-DIGITS: list[str] = [str(d) for d in range(10)]
-SIDES: list[str] = ["left", "right"]
+#: The shape colours (`models/vocabulary.py` lists the names) and their exact RGB values. Every colour has a channel
+#: below 200, so it can never be mistaken for the pale background (all channels in 200..255).
+PALETTE: dict[str, tuple[int, int, int]] = dict(zip(COLORS, [
+    (255, 0, 0),      # red
+    (0, 160, 0),      # green
+    (0, 0, 255),      # blue
+    (255, 220, 0),    # yellow
+    (128, 0, 128),    # purple
+    (255, 128, 0),    # orange
+], strict=True))
 
-#: Every whitespace-separated word used in any question, answer or reasoning, so that a tokenizer can map each
-#: one to a single token. The tags in ``ANSWER_TAGS`` are not words: they are glued to the text around them.
-TASK_WORDS: list[str] = (
-    ["what", "color", "is", "the", "shape", "?", "how", "many", "shapes", "are", "there", "."]
-    + SIDES
-    + COLORS
-    + KINDS
-    + DIGITS
-)
-ANSWER_TAGS: list[str] = ["<think>", "</think>", "<answer>", "</answer>"]
 ANSWER_FORMATS: tuple[str, ...] = ("answer", "think", "plain")
 ROW_FORMATS: tuple[str, ...] = ("sft", "preference", "prompt")
 

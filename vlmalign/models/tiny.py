@@ -27,16 +27,9 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from .families import get_family
 from .loading import image_only_processor_class, save_processor
 from .tokenizer import build_tokenizer
+from .vocabulary import TASK_WORDS
 
 SIZES = ("tiny", "small")
-
-
-def _task_words() -> list[str]:
-    try:
-        from ..data.synthetic import TASK_WORDS
-    except ImportError:  # pragma: no cover - the data layer is optional for the model builder
-        return []
-    return list(TASK_WORDS)
 
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -368,7 +361,7 @@ def build_tiny_model(family: str, size: str = "tiny", *, seed: int = 0, words: l
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if fam.name not in BUILDERS:
         raise NotImplementedError(f"no tiny-model builder for family {fam.name!r} yet; have: {', '.join(BUILDERS)}")
-    built = BUILDERS[fam.name](size, _task_words() if words is None else list(words))
+    built = BUILDERS[fam.name](size, list(TASK_WORDS if words is None else words))
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(built.config, dtype=torch.float32)
     _redraw_zero_matrices(model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-ANSWER_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+from .vocabulary import ANSWER_TAGS
 
 # Words every tiny tokenizer knows as whole tokens. The synthetic tasks add theirs on top (see `build_tokenizer`).
 BASE_WORDS = (

@@ -24,12 +24,12 @@ import torch
 from transformers import AutoModelForImageTextToText, TrainerCallback
 from transformers.utils import logging as hf_logging
 
-from .data.synthetic import TASKS, make_dataset
-from .eval.compare import compare_models, render_html, render_markdown
-from .eval.evaluate import evaluate
-from .models.families import family_names
-from .models.loading import load_processor
-from .models.tiny import make_tiny_model
+from ..data.synthetic import TASKS, make_dataset
+from ..eval.compare import compare_models, render_html, render_markdown
+from ..eval.evaluate import evaluate
+from ..models.families import family_names
+from ..models.loading import load_processor
+from ..models.tiny import make_tiny_model
 
 REWARDS = ["accuracy", "format"]   # reported at evaluation
 TRAIN_REWARDS = ["accuracy"]        # RL trains on correctness alone (a format reward alone is learnt first and can
@@ -89,10 +89,10 @@ def _train(name, trainer_factory, model_dir, processor, test, *, every) -> tuple
 
 def run_demo(out: str | Path = "demo_report", *, task: str = "color", family: str = "qwen2_vl", steps: float = 1.0,
              seed: int = 0, n_compare: int = 16, sft_target: float = 0.35, n_test: int = 200) -> dict:
-    from .data.preferences import make_preferences
-    from .trainers.dpo import MPO_PRESET, DPOConfig, DPOTrainer
-    from .trainers.grpo import GRPOConfig, GRPOTrainer
-    from .trainers.sft import SFTConfig, SFTTrainer
+    from .preferences import make_preferences
+    from ..trainers.dpo import MPO_PRESET, DPOConfig, DPOTrainer
+    from ..trainers.grpo import GRPOConfig, GRPOTrainer
+    from ..trainers.sft import SFTConfig, SFTTrainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,10 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from ..data.formats import detect_kind, normalize_row
+from ..eval.evaluate import make_encoder
 from ..rl.rewards import compute_rewards, get_reward_function
 from ..rl.rollout import SamplingConfig, generate
-from .formats import detect_kind, normalize_row
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +129,6 @@ def make_preferences(
         raise ValueError(f"chosen must be one of {CHOSEN_MODES}, got {chosen!r}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    from ..eval.evaluate import make_encoder  # the eval layer builds the encoder the same way
-
     encoder = make_encoder(model, processor)
     funcs = [get_reward_function(r, trust_reward_code=trust_reward_code) for r in (reward if isinstance(reward, (list, tuple)) else [reward])]
     kind = detect_kind(_column_names(dataset))
