@@ -13,10 +13,14 @@ accumulated step. Policies (`BaseConfig.nonfinite_policy`):
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 POLICIES = ("raise", "skip")
 
@@ -118,3 +122,74 @@ class NonFiniteGuard:
         if math.isfinite(total):  # the non-finite gradient is on another process
             total = float("nan")
         return Verdict("gradient norm", total, None, len(loss_values), parameter, total)
+
+
+class GuardMixin:
+    """The guard's hooks in `VLMTrainer`: the loss of every micro-batch is recorded, and the check runs once per
+    optimizer step, before clipping (from `_clip_grad_norm`, or `_get_grad_norm` when there is no clipping:
+    private Trainer seams, listed in vlmalign/compat.py)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._guard.record_loss(loss)  # checked at the optimizer step (one sync per step)
+        return loss
+
+    def _check_before_optimizer_step(self) -> None:
+        """Run the non-finite guard once per optimizer step, before clipping; raise or drop the step's gradients."""
+        if self._guard_checked:
+            return
+        self._guard_checked = True
+        # Under fp16 a GradScaler skips steps with inf/NaN gradients (and lowers its scale) by design: only the
+        # loss is checked then.
+        check_grads = getattr(self.accelerator, "scaler", None) is None
+        reduce = None
+        if self.accelerator.num_processes > 1:
+            reduce = functools.partial(self.accelerator.reduce, reduction="sum")
+        verdict = self._guard.check(self.model.named_parameters(), check_grads=check_grads, reduce=reduce,
+                                    device=self.args.device if reduce is not None else None)
+        self._guard_verdict = verdict
+        if verdict is None:
+            return
+        step = self.state.global_step + 1
+        what = verdict.describe(step)
+        if self._guard.policy == "raise":
+            raise NonFiniteError(
+                f"{what[0].upper()}{what[1:]}. The optimizer step was not taken: the weights are those after step "
+                f"{step - 1}. Set nonfinite_policy='skip' to skip such steps instead.",
+                step=step, kind=verdict.kind, parameter=verdict.parameter)
+        self._drop_gradients()
+        self._guard.skipped += 1
+        logger.warning("%s: optimizer step skipped (%d so far)", what, self._guard.skipped)
+
+    def _drop_gradients(self) -> None:
+        """Make the coming optimizer.step() a no-op: optimizers leave parameters without a gradient untouched
+        (moments, step counts and weight decay included). Under a GradScaler, fill them with NaN instead: the
+        scaler then skips the step itself (it asserts that it saw gradients)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        params = list(self.model.parameters())
+        if self.optimizer is not None:
+            params += [p for group in self.optimizer.param_groups for p in group["params"]]
+        for param in params:
+            if param.grad is not None:
+                if scaler is not None:
+                    param.grad.fill_(float("nan"))
+                else:
+                    param.grad = None
+
+    def _clip_grad_norm(self, model):
+        self._check_before_optimizer_step()
+        if self._guard_verdict is not None:  # skipped step: nothing to clip
+            return torch.tensor(self._guard_verdict.grad_norm)
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self._check_before_optimizer_step()  # no-op when _clip_grad_norm ran it
+        verdict, self._guard_checked, self._guard_verdict = self._guard_verdict, False, None
+        if verdict is not None:
+            return verdict.grad_norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._guard.policy == "skip" and ("loss" in logs or "train_loss" in logs):
+            logs = {**logs, "nonfinite_skipped": self._guard.skipped}
+        super().log(logs, start_time)

@@ -97,9 +97,9 @@ def make_reference_model(
     else:
         ref = copy.deepcopy(_strip_wrappers(model))
     if getattr(args, "disable_dropout", False):
-        from .base import _disable_dropout
+        from .setup import disable_dropout
 
-        _disable_dropout(ref)
+        disable_dropout(ref)
     freeze(ref)
     if accelerator is not None and deepspeed_stage(accelerator) == 3:
         ref = zero3_inference_engine(ref, accelerator, args)
