@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..losses.logprobs import IGNORE_INDEX
 from ..models.families import Family
 from .supervision import Supervisor, SupervisionError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 def _typed(conversation: list[dict]) -> list[dict]:
@@ -159,20 +159,6 @@ def split_completions(full: dict[str, torch.Tensor], prompts: dict[str, torch.Te
     prompt_index = torch.arange(ids.shape[0]) % rows
     return {"prompt_inputs": prompts, "completion_ids": completion_ids, "completion_mask": completion_mask,
             "prompt_index": prompt_index}
-
-
-@dataclass
-class PromptCollator:
-    """Normalised prompt rows -> left-padded generation inputs, plus the rows themselves (for the rewards)."""
-
-    encoder: Encoder
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = self.encoder.encode(
-            [r["prompt"] for r in rows], [r["images"] for r in rows],
-            padding_side="left", add_generation_prompt=True, with_labels=False,
-        )
-        return {"inputs": batch, "rows": rows}
 
 
 def append_completions(

@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
-IMAGE_COLUMNS = ("image", "images")
+from .formats import IMAGE_COLUMNS
+
 JSONL_NAME = "data.jsonl"
 IMAGE_DIR = "images"
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")

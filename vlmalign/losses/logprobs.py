@@ -17,7 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+#: The label of a position that is not scored (transformers' and PyTorch's cross-entropy convention).
+IGNORE_INDEX = -100
+
 __all__ = [
+    "IGNORE_INDEX",
     "gather_completion_positions",
     "scatter_completion_values",
     "selective_log_softmax",

@@ -15,10 +15,16 @@ from torch import nn
 from ..losses.logprobs import token_logprobs_from_hidden
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/FSDP (`.module`) and PEFT (`.get_base_model()`) wrappers."""
+def strip_engine_wrappers(model: nn.Module) -> nn.Module:
+    """The module under DDP / FSDP / DeepSpeed `.module` wrappers (a PeftModel stays a PeftModel)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP/FSDP (`.module`) and PEFT (`.get_base_model()`) wrappers."""
+    model = strip_engine_wrappers(model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model

@@ -26,14 +26,6 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMi
 logger = logging.getLogger(__name__)
 
 
-def torchvision_available() -> bool:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # a CUDA build next to the CPU torch fails with errors other than ImportError
-        return False
-    return True
-
-
 @lru_cache(maxsize=None)
 def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`cls` with its video slot removed, for processors whose video processor needs torchvision.

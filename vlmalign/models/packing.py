@@ -32,6 +32,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
+from ..losses.logprobs import IGNORE_INDEX
 from .families import get_family
 from .forward import rope_index_fn, unwrap_model
 
@@ -135,6 +136,6 @@ def pack_rows(model: nn.Module, batch: dict) -> dict:
 
 def packed_score_mask(packed: dict) -> torch.Tensor:
     """[1, L] scored target positions of a packed batch: labels != -100, never a row's first token."""
-    mask = packed["labels"] != -100
+    mask = packed["labels"] != IGNORE_INDEX
     mask[0, packed["cu_seq_lens_q"][:-1].long()] = False
     return mask

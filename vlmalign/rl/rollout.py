@@ -157,17 +157,3 @@ def generate(
     expand = lambda: select_prompt_rows(unique_inputs, index, encoder.family, encoder.image_token_id)  # noqa: E731
     return Rollout(completion_ids, mask, truncated, texts, unique_prompt_inputs=unique_inputs, group_index=index,
                    _prompt_inputs=repeated, _expand=expand)
-
-
-def shared_prefix_generate(
-    model: torch.nn.Module,
-    encoder: Encoder,
-    prompt_rows: list[dict],
-    num_generations: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    *,
-    generator_seed: int | None = None,
-) -> Rollout:
-    """`generate` with the shared prefix: each prompt (and its image) prefilled once for its G completions."""
-    return generate(model, encoder, prompt_rows, num_generations=num_generations, sampling=sampling,
-                    generator_seed=generator_seed, shared_prefix=True)

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -138,11 +137,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             return path
         logger.warning("Skipping %s: no %s (not a complete checkpoint)", path, TRAINER_STATE_NAME)
     return None
-
-
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    match = _CHECKPOINT_RE.match(Path(path).name)
-    return int(match.group(1)) if match else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

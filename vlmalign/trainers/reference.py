@@ -26,22 +26,13 @@ from tqdm.auto import tqdm
 
 from ..distributed.gather import fsdp2_modules, is_zero3_partitioned
 from ..distributed.reference import deepspeed_stage, zero3_inference_engine
-from ..models.forward import token_logps
+from ..losses.logprobs import IGNORE_INDEX
+from ..models.forward import strip_engine_wrappers, token_logps
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
-
-def _strip_wrappers(model: nn.Module) -> nn.Module:
-    """The module under DDP / FSDP / DeepSpeed `.module` wrappers (a PeftModel stays a PeftModel)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 def is_peft_model(model: nn.Module) -> bool:
-    model = _strip_wrappers(model)
+    model = strip_engine_wrappers(model)
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -77,16 +68,16 @@ def make_reference_model(
         from ..models.loading import load_model
 
         ref = load_model(ref_model, **(getattr(args, "model_init_kwargs", None) or {}))
-        if _strip_wrappers(ref) is _strip_wrappers(model):
+        if strip_engine_wrappers(ref) is strip_engine_wrappers(model):
             raise ValueError("ref_model is the policy itself; pass a separate model (or None for a frozen copy)")
     elif is_peft_model(model):
         return None
     elif getattr(args, "precompute_ref_log_probs", False):
         return None
-    elif any(is_zero3_partitioned(p) for p in _strip_wrappers(model).parameters()):
+    elif any(is_zero3_partitioned(p) for p in strip_engine_wrappers(model).parameters()):
         # ZeRO-3 loaded the policy partitioned (zero.Init): a copy would hold empty parameters and no hooks.
         # Load the same weights again, partitioned the same way, and give them their own inference engine.
-        base = _strip_wrappers(model)
+        base = strip_engine_wrappers(model)
         path = getattr(base, "name_or_path", None)
         if not path:
             raise ValueError("ZeRO-3 with a reference model needs the policy loaded from a path (to load the "
@@ -95,7 +86,7 @@ def make_reference_model(
 
         ref = load_model(path, **(getattr(args, "model_init_kwargs", None) or {}))
     else:
-        ref = copy.deepcopy(_strip_wrappers(model))
+        ref = copy.deepcopy(strip_engine_wrappers(model))
     if getattr(args, "disable_dropout", False):
         from .setup import disable_dropout
 
@@ -110,7 +101,7 @@ def make_reference_model(
     elif accelerator is not None:
         ref = accelerator.prepare_model(ref, evaluation_mode=True)
     else:
-        device = next(_strip_wrappers(model).parameters()).device
+        device = next(strip_engine_wrappers(model).parameters()).device
         ref = ref.to(device)
     return ref
 
@@ -131,7 +122,7 @@ def reference_forward(model: nn.Module, ref_model: nn.Module | None) -> Iterator
                 for module in fsdp2_modules(ref_model):
                     module.reshard()
         elif is_peft_model(model):
-            peft_model = _strip_wrappers(model)
+            peft_model = strip_engine_wrappers(model)
             with peft_model.disable_adapter():
                 yield peft_model
         else:
@@ -200,7 +191,7 @@ def precompute_reference_logps(
     `rows` is a sequence of normalised preference rows carrying `_index` (a `vlmalign.data.dataset.RowDataset`);
     `collator` is a `PreferenceCollator` (2B rows: chosen then rejected, each with its own images), so image
     datasets work. The model runs in eval mode (restored afterwards)."""
-    base = _strip_wrappers(ref_model if ref_model is not None else model)
+    base = strip_engine_wrappers(ref_model if ref_model is not None else model)
     device = device or next(base.parameters()).device
     was_training = base.training
     base.eval()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.collate import SFTCollator
+from ..losses.logprobs import IGNORE_INDEX
 from ..models.forward import token_logps
 from ..models.packing import pack_rows, packed_attention, packed_score_mask, packing_unsupported
 from .base import BaseConfig, VLMTrainer
@@ -71,7 +72,7 @@ class SFTTrainer(VLMTrainer):
                 self._packing_logged = True
                 logger.info("padding_free: %s; running padded batches", reason)
         if not (self.args.padding_free or self.args.packing) or reason is not None:
-            mask = inputs["labels"] != -100                       # [B, T]
+            mask = inputs["labels"] != IGNORE_INDEX               # [B, T]
             logps, _, hits = token_logps(model, inputs, mask)     # [B, T] each
         local_tokens = mask.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
