@@ -8,14 +8,11 @@ import torch
 from vlmalign.losses import (
     PREFERENCE_LOSSES,
     RunningMeanDelta,
-    bco_pair_loss,
     combined_preference_loss,
     dpo_reward_metrics,
-    exo_pair_loss,
     ipo_loss,
-    robust_loss,
+    preference_loss,
     sft_loss,
-    sigmoid_loss,
 )
 
 # A batch of 3 pairs with varied, non-zero log-probs (summed over completion tokens).
@@ -117,12 +114,12 @@ def test_loss_matches_hand_formula(name):
     options = {"discopop_tau": TAU}
     if name in ("robust", "exo_pair"):
         options["label_smoothing"] = EPS
-    out = PREFERENCE_LOSSES[name](**batch(**options))
+    out = preference_loss(name, **batch(**options))
     assert_rows(out, hand(HAND_FORMULAS[name]))
 
 
 def test_sigmoid_label_smoothing_is_cdpo():
-    out = sigmoid_loss(**batch(label_smoothing=0.2))
+    out = preference_loss("sigmoid", **batch(label_smoothing=0.2))
     expected = hand(lambda lc, lr, *_: -0.8 * logsig(B * (lc - lr)) - 0.2 * logsig(-B * (lc - lr)))
     assert_rows(out, expected)
 
@@ -132,7 +129,7 @@ def test_sigmoid_default_beta_and_gradient():
     b.pop("beta")
     chosen = b["chosen_logps"].clone().requires_grad_(True)
     b["chosen_logps"] = chosen
-    out = sigmoid_loss(**b)  # beta = 0.1
+    out = preference_loss("sigmoid", **b)  # beta = 0.1
     assert_rows(out.detach(), hand(lambda lc, lr, *_: -logsig(0.1 * (lc - lr))))
     out.sum().backward()
     # d/dc [-log s(beta*Delta)] = -beta * (1 - s(beta*Delta))
@@ -142,10 +139,11 @@ def test_sigmoid_default_beta_and_gradient():
 def test_bco_pair_with_nonzero_delta():
     delta = 0.25
     expected = hand(lambda lc, lr, *_: -logsig(B * lc - delta) - logsig(-(B * lr - delta)))
-    assert_rows(bco_pair_loss(**batch(delta=delta)), expected)
-    assert_rows(bco_pair_loss(**batch(delta=torch.tensor(delta, dtype=torch.float64))), expected)
+    assert_rows(preference_loss("bco_pair", **batch(reward_shift=delta)), expected)
+    assert_rows(preference_loss("bco_pair", **batch(reward_shift=torch.tensor(delta, dtype=torch.float64))), expected)
     # the shift changes the value (guards against an ignored delta)
-    assert bco_pair_loss(**batch(delta=delta)).tolist() != pytest.approx(bco_pair_loss(**batch()).tolist())
+    assert (preference_loss("bco_pair", **batch(reward_shift=delta)).tolist()
+            != pytest.approx(preference_loss("bco_pair", **batch()).tolist()))
 
 
 def test_ipo_requires_lengths():
@@ -164,12 +162,12 @@ def test_ipo_with_unit_lengths_is_paper_form():
 
 def test_exo_pair_needs_label_smoothing():
     with pytest.raises(ValueError, match="label_smoothing"):
-        exo_pair_loss(**batch())
+        preference_loss("exo_pair", **batch())
 
 
 def test_robust_rejects_half_smoothing():
     with pytest.raises(ValueError, match="label_smoothing"):
-        robust_loss(**batch(label_smoothing=0.5))
+        preference_loss("robust", **batch(label_smoothing=0.5))
 
 
 def test_sft_is_per_token_mean_nll():
@@ -187,7 +185,7 @@ def mean(xs):
 
 def test_mpo_combination_is_weighted_sum_of_means():
     delta = -0.15
-    b = batch(delta=delta)
+    b = batch(reward_shift=delta)
     b["chosen_logps"] = b["chosen_logps"].clone().requires_grad_(True)
     loss, parts = combined_preference_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], **b)
 
@@ -269,7 +267,7 @@ def test_bco_training_loop_with_running_delta():
             [B * (b["chosen_logps"] - b["ref_chosen_logps"]), B * (b["rejected_logps"] - b["ref_rejected_logps"])]
         )
         running.update(rewards)
-        out = bco_pair_loss(**b, delta=running.value)
+        out = preference_loss("bco_pair", **b, reward_shift=running.value)
 
         all_rewards += [B * (lc + 0.3 * step) for lc, *_ in rows()] + [B * lr for _, lr, *_ in rows()]
         delta = mean(all_rewards)
@@ -301,3 +299,23 @@ def test_dpo_reward_metrics_by_hand():
         assert metrics[key].item() == pytest.approx(value, rel=1e-12), key
         assert metrics[key].dim() == 0 and not metrics[key].requires_grad
     assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)
+
+
+# ---- options ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCE_LOSSES))
+def test_a_loss_rejects_an_option_it_does_not_take(name):
+    tensors = {k: v for k, v in batch().items() if k.endswith("logps")}
+    with pytest.raises(TypeError, match="betta"):
+        PREFERENCE_LOSSES[name](**tensors, betta=0.2)
+
+
+def test_the_shared_bag_rejects_an_option_no_loss_takes():
+    with pytest.raises(TypeError, match="labl_smoothing"):
+        combined_preference_loss(["sigmoid", "sft"], None, **batch(labl_smoothing=0.1))
+    with pytest.raises(TypeError, match="labl_smoothing"):
+        preference_loss("hinge", **batch(labl_smoothing=0.1))
+    # options another loss takes are passed over, not refused: the trainer sends one bag whatever the loss types
+    assert_rows(preference_loss("hinge", **batch(label_smoothing=0.3, discopop_tau=TAU)),
+                hand(HAND_FORMULAS["hinge"]))

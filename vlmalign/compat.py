@@ -53,7 +53,8 @@ _SAVE = "trainers/saving.py (atomic checkpoints, resume)"
 
 MEMBERS: tuple[Member, ...] = (
     # Trainer methods VLMTrainer / GRPOTrainer override
-    Member(_T, "_save", "method", _SAVE + ": JSON training args, processor beside the weights", ("output_dir", "state_dict")),
+    Member(_T, "_save", "method", _SAVE + ": JSON training args, processor beside the weights",
+           ("output_dir", "state_dict")),
     Member(_T, "_save_checkpoint", "method", _SAVE + ": staged and renamed", ("model", "trial")),
     Member(_T, "_get_output_dir", "method", _SAVE + ": redirected into the staging folder", ("trial",)),
     Member(_T, "_push_from_checkpoint", "method", _SAVE + ": pushed after the rename", ("checkpoint_folder",)),

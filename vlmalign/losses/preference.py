@@ -8,16 +8,17 @@ Notation (all tensors are ``[B]`` float, one entry per preference pair):
   (per-sequence log-ratios);
 * ``Delta = lr_c - lr_r`` (the implicit reward margin divided by beta).
 
-Every loss function returns the **per-pair** loss ``[B]`` (not reduced) and accepts ``**_`` so that
-:func:`combined_preference_loss` can pass one shared bag of tensors and options to all of them.
+Every loss function returns the **per-pair** loss ``[B]`` (not reduced) and takes only its own options: a
+misspelt option is a TypeError naming it. :func:`preference_loss` (and :func:`combined_preference_loss`) take one
+shared bag of tensors and options and give each loss the ones it takes; an option no loss takes is a TypeError.
 
 The formulas follow TRL 1.16 (``DPOTrainer._compute_loss``) unless stated otherwise. Deviations, all
 documented in the function concerned:
 
 * ``sigmoid`` supports ``label_smoothing`` (conservative DPO); TRL 1.16 dropped it from ``sigmoid``.
   With ``label_smoothing=0`` (the default) both are identical.
-* ``bco_pair`` takes the reward shift ``delta`` (BCO / MPO papers; TRL <= 0.28); TRL 1.16 has no shift.
-  ``delta=0`` (the default) reproduces TRL 1.16.
+* ``bco_pair`` takes the reward shift ``reward_shift`` (the BCO / MPO papers' delta; TRL <= 0.28); TRL 1.16 has no
+  shift. ``reward_shift=0`` (the default) reproduces TRL 1.16.
 * ``sft`` is the per-row token-mean NLL; TRL 1.16 uses one token mean over the whole micro-batch.
 * ``ipo`` requires the completion lengths (TRL normalises the same way; the paper uses sums).
 
@@ -28,6 +29,7 @@ Preference Optimization", arXiv 2411.10442) is ``combined_preference_loss(["sigm
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
@@ -44,6 +46,7 @@ __all__ = [
     "apo_zero_loss",
     "bco_pair_loss",
     "combined_preference_loss",
+    "preference_loss",
     "discopop_loss",
     "dpo_reward_metrics",
     "exo_pair_loss",
@@ -86,7 +89,6 @@ def sigmoid_loss(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    **_,
 ) -> Tensor:  # [B]
     """DPO loss, with optional label smoothing (conservative DPO, cDPO).
 
@@ -110,7 +112,6 @@ def hinge_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    **_,
 ) -> Tensor:  # [B]
     """Hinge loss on the reference-normalised margin: ``l = relu(1 - beta * Delta)``.
 
@@ -131,7 +132,6 @@ def ipo_loss(
     beta: float = 0.1,
     chosen_lengths: Tensor | None = None,  # [B] number of chosen completion tokens
     rejected_lengths: Tensor | None = None,  # [B] number of rejected completion tokens
-    **_,
 ) -> Tensor:  # [B]
     """IPO loss on length-normalised log-ratios: ``l = (Delta_bar - 1/(2 beta))**2`` with
     ``Delta_bar = lr_c / len(y_c) - lr_r / len(y_r)`` (beta plays the role of the paper's tau).
@@ -160,7 +160,6 @@ def robust_loss(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    **_,
 ) -> Tensor:  # [B]
     """Robust DPO, unbiased under preference-flip rate eps = ``label_smoothing``:
     ``l = [-(1 - eps) * logsigmoid(beta * Delta) + eps * logsigmoid(-beta * Delta)] / (1 - 2 eps)``.
@@ -183,7 +182,6 @@ def exo_pair_loss(
     *,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
-    **_,
 ) -> Tensor:  # [B]
     """EXO (pairwise): reverse KL from the model's pair distribution to the eps-smoothed labels,
     ``l = s(z) * (logsigmoid(z) - log(1 - eps)) + s(-z) * (logsigmoid(-z) - log eps)``,
@@ -212,7 +210,6 @@ def discopop_loss(
     *,
     beta: float = 0.1,
     discopop_tau: float = 0.05,
-    **_,
 ) -> Tensor:  # [B]
     """DiscoPOP / log-ratio modulated loss: with ``z = beta * Delta`` and ``m = sigmoid(z / tau)``,
     ``l = (1 - m) * (-logsigmoid(z)) + m * exp(-z)``.
@@ -239,23 +236,22 @@ def bco_pair_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    delta: float | Tensor = 0.0,  # scalar reward shift, e.g. RunningMeanDelta.value
-    **_,
+    reward_shift: float | Tensor = 0.0,  # BCO's delta, e.g. RunningMeanDelta.value
 ) -> Tensor:  # [B]
     """BCO (paired form; MPO's "quality" loss): a binary classifier with the implicit reward
-    ``r = beta * lr`` as logit, shifted by ``delta``:
-    ``l = -logsigmoid(beta * lr_c - delta) - logsigmoid(-(beta * lr_r - delta))``.
+    ``r = beta * lr`` as logit, shifted by ``reward_shift`` (the papers' delta):
+    ``l = -logsigmoid(beta * lr_c - shift) - logsigmoid(-(beta * lr_r - shift))``.
 
     Papers: Jung et al. 2024, "Binary Classifier Optimization for Large Language Model Alignment",
     arXiv 2404.04656 (delta = running mean of the rewards, see :class:`RunningMeanDelta`); MPO, arXiv
-    2411.10442. ``delta`` is a plain input so the function stays pure; the trainer passes
+    2411.10442. ``reward_shift`` (named apart from GRPO's clip bound ``delta``) is a plain input so the function
+    stays pure; the trainer passes
     ``RunningMeanDelta.value`` (or 0 when ``use_running_mean=False``). TRL 1.16 has no shift
-    (== ``delta=0``); TRL <= 0.28 used the shift as here.
+    (== ``reward_shift=0``); TRL <= 0.28 used the shift as here.
     """
     lr_c, lr_r = _logratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    if isinstance(delta, Tensor):
-        delta = delta.detach()
-    return -F.logsigmoid(beta * lr_c - delta) - F.logsigmoid(-(beta * lr_r - delta))
+    shift = reward_shift.detach() if isinstance(reward_shift, Tensor) else reward_shift
+    return -F.logsigmoid(beta * lr_c - shift) - F.logsigmoid(-(beta * lr_r - shift))
 
 
 def sppo_hard_loss(
@@ -265,7 +261,6 @@ def sppo_hard_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    **_,
 ) -> Tensor:  # [B]
     """SPPO with hard win/loss probabilities (P(chosen wins) = 1, P(rejected wins) = 0):
     ``l = (lr_c - 1/(2 beta))**2 + (lr_r + 1/(2 beta))**2``.
@@ -285,7 +280,6 @@ def nca_pair_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    **_,
 ) -> Tensor:  # [B]
     """NCA (pairwise, K=2):
     ``l = -logsigmoid(beta * lr_c) - 0.5 * logsigmoid(-beta * lr_c) - 0.5 * logsigmoid(-beta * lr_r)``.
@@ -305,7 +299,6 @@ def apo_zero_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    **_,
 ) -> Tensor:  # [B]
     """APO-zero (chosen better than the model's outputs): push chosen up, rejected down,
     ``l = (1 - sigmoid(beta * lr_c)) + sigmoid(beta * lr_r)``.
@@ -324,7 +317,6 @@ def apo_down_loss(
     ref_rejected_logps: Tensor,  # [B]
     *,
     beta: float = 0.1,
-    **_,
 ) -> Tensor:  # [B]
     """APO-down (model's outputs better than chosen): push both down, rejected more,
     ``l = sigmoid(beta * lr_c) + (1 - sigmoid(beta * (lr_c - lr_r)))``.
@@ -338,9 +330,11 @@ def apo_down_loss(
 
 def sft_loss(
     chosen_logps: Tensor,  # [B] summed log-probs of the chosen completion
-    *_args,
+    rejected_logps: Tensor | None = None,  # not used
+    ref_chosen_logps: Tensor | None = None,  # not used
+    ref_rejected_logps: Tensor | None = None,  # not used
+    *,
     chosen_lengths: Tensor | None = None,  # [B] number of chosen completion tokens
-    **_,
 ) -> Tensor:  # [B]
     """Negative log-likelihood of the chosen completion, **per-token mean per row**:
     ``l_i = -chosen_logps_i / chosen_lengths_i``.
@@ -350,7 +344,7 @@ def sft_loss(
     the combiner then averages rows, so every pair weighs the same whatever its length. TRL 1.16 instead
     takes one token mean over the whole micro-batch (``sum(logps) / sum(lengths)``), which weighs long
     completions more; the two agree when all chosen completions have the same length.
-    Reference log-probs are not used (extra positional arguments are ignored).
+    The rejected and reference log-probs are accepted (the combiner passes them to every loss) and not used.
     """
     if chosen_lengths is None:
         raise ValueError("sft needs `chosen_lengths` ([B] chosen completion token counts)")
@@ -377,6 +371,24 @@ PREFERENCE_LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def _accepted(func: Callable[..., Tensor]) -> set[str]:
+    return {name for name in inspect.signature(func).parameters}
+
+
+def preference_loss(name: str, **tensors_and_options) -> Tensor:  # [B]
+    """The per-pair loss ``name`` on a shared bag of tensors and options: the loss gets the ones it takes. An option
+    that no registered loss takes (a misspelling) is a TypeError naming it."""
+    if name not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss type {name!r}; valid: {sorted(PREFERENCE_LOSSES)}")
+    known = set().union(*(_accepted(f) for f in PREFERENCE_LOSSES.values()))
+    unknown = sorted(set(tensors_and_options) - known)
+    if unknown:
+        raise TypeError(f"unknown preference-loss option(s) {unknown}; the losses take: {sorted(known)}")
+    func = PREFERENCE_LOSSES[name]
+    takes = _accepted(func)
+    return func(**{k: v for k, v in tensors_and_options.items() if k in takes})
+
+
 def combined_preference_loss(
     loss_types: list[str] | str,
     loss_weights: list[float] | None = None,
@@ -385,8 +397,8 @@ def combined_preference_loss(
     """Weighted sum of batch-mean preference losses: ``L = sum_k w_k * mean_B(l_k)``.
 
     ``tensors_and_options`` holds the four log-prob tensors ``[B]`` plus any options the chosen losses
-    need (``beta``, ``label_smoothing``, ``chosen_lengths``, ``rejected_lengths``, ``delta``,
-    ``discopop_tau``); every loss receives all of them. Weights default to 1.0 each.
+    need (``beta``, ``label_smoothing``, ``chosen_lengths``, ``rejected_lengths``, ``reward_shift``,
+    ``discopop_tau``); each loss receives those it takes (`preference_loss`). Weights default to 1.0 each.
 
     Returns ``(loss 0-dim, {name: mean(l_k).detach()})``. MPO (arXiv 2411.10442):
     ``combined_preference_loss(["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], ...)``.
@@ -410,7 +422,7 @@ def combined_preference_loss(
     total: Tensor | float = 0.0
     parts: dict[str, Tensor] = {}
     for name, weight in zip(loss_types, loss_weights):
-        per_pair = PREFERENCE_LOSSES[name](**tensors_and_options)  # [B]
+        per_pair = preference_loss(name, **tensors_and_options)  # [B]
         mean = per_pair.mean()  # 0-dim
         total = total + weight * mean
         parts[name] = mean.detach()

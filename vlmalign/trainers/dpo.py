@@ -211,7 +211,8 @@ class DPOTrainer(VLMTrainer):
         loss, parts = combined_preference_loss(
             self.args.loss_type, self.args.loss_weights,
             chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-            beta=beta, label_smoothing=self.args.label_smoothing, delta=delta, discopop_tau=self.args.discopop_tau,
+            beta=beta, label_smoothing=self.args.label_smoothing, reward_shift=delta,
+            discopop_tau=self.args.discopop_tau,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         )
         metrics = dpo_reward_metrics(chosen, rejected, ref_chosen, ref_rejected, beta)
