@@ -247,6 +247,12 @@ def test_nonfinite_policy_is_validated(tmp_path):
         _args(tmp_path, nonfinite_policy="ignore")
 
 
+def test_skip_is_refused_under_deepspeed(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")   # as `accelerate launch` with a DeepSpeed config sets it
+    with pytest.raises(ValueError, match="not available under DeepSpeed"):
+        _args(tmp_path, nonfinite_policy="skip")
+
+
 # ------------------------------------------------------------------------------------------------ safe saving
 
 

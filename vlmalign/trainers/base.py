@@ -78,6 +78,12 @@ class BaseConfig(TrainingArguments):
             raise ValueError(f"truncation_policy must be 'drop' or 'raise', got {self.truncation_policy!r}")
         if self.nonfinite_policy not in POLICIES:
             raise ValueError(f"nonfinite_policy must be one of {POLICIES}, got {self.nonfinite_policy!r}")
+        if self.nonfinite_policy == "skip" and (self.deepspeed or cpu_engines.requested_engine() == "deepspeed"):
+            # accelerate's DeepSpeed wrapper runs engine.step() inside backward, before Trainer's clipping hook where
+            # the guard looks: the step cannot be skipped there (docs/reliability.md).
+            raise ValueError("nonfinite_policy='skip' is not available under DeepSpeed: the DeepSpeed engine steps "
+                             "the optimizer inside backward, before the guard runs, so the step cannot be skipped. "
+                             "Use nonfinite_policy='raise' (training stops, naming the step).")
         check_engine(self)
         if cpu_engines.engage() and cpu_engines.requested_engine() == "deepspeed":
             self.use_cpu = False  # accelerate skips DeepSpeed for cpu=True; without an accelerator it is CPU anyway
