@@ -29,9 +29,10 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def lora_target_modules(model: torch.nn.Module, family: Family, include_vision: bool) -> list[str]:
     """Full names of the Linear layers LoRA should wrap: the language model's (and the vision tower's and projector's
     when asked); never the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+        if not isinstance(module, torch.nn.Linear) or module is head:
             continue
         is_vision = family.is_vision_param(name) or family.is_projector_param(name)
         if is_vision and not include_vision:
