@@ -109,7 +109,7 @@ def test_loss_equals_hand_computation(tiny, prefs, tmp_path, name):
         assert trainer.running_mean.value == pytest.approx(delta, abs=1e-6)
     expected, parts = combined_preference_loss(
         trainer.args.loss_type, trainer.args.loss_weights, chosen_logps=pc, rejected_logps=pr, ref_chosen_logps=rc,
-        ref_rejected_logps=rr, beta=0.2, delta=delta, chosen_lengths=lc, rejected_lengths=lr, label_smoothing=0.0)
+        ref_rejected_logps=rr, beta=0.2, reward_shift=delta, chosen_lengths=lc, rejected_lengths=lr, label_smoothing=0.0)
     assert abs((pc - rc) - (pr - rr)).max() > 1e-3   # not the trivial policy == reference case
     torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
     recorded = trainer._metrics["train"]
