@@ -12,8 +12,8 @@ from ..data.collate import Encoder
 from ..data.formats import normalize_row
 from ..models.families import get_family
 from ..models.forward import unwrap_model
-from ..rl.rewards import compute_rewards, get_reward_function, reward_function_name
-from ..rl.rollout import SamplingConfig, generate
+from ..rl.rewards import get_reward_function, reward_function_name
+from ..rl.rollout import SamplingConfig, sample_and_score
 
 
 @dataclass
@@ -80,11 +80,7 @@ def evaluate(
     torch.manual_seed(seed)
     for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress):
         chunk = rows[start:start + batch_size]
-        out = generate(model, encoder, chunk, num_generations=samples, sampling=sampling)
-        columns = {k: [r.get(k) for r in chunk for _ in range(samples)] for k in chunk[0] if k not in ("prompt",)}
-        prompts = [r["prompt"] for r in chunk for _ in range(samples)]
-        ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
-        per_func, _ = compute_rewards(funcs, prompts, out.texts, ids, columns)
+        out, per_func, _ = sample_and_score(model, encoder, chunk, funcs, samples=samples, sampling=sampling)
         valid = ~torch.isnan(per_func)
         sums += torch.where(valid, per_func, 0.0).sum(0)
         counts += valid.sum(0)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data.formats import detect_kind, normalize_row
 from ..eval.evaluate import make_encoder
 from ..rl.rewards import compute_rewards, get_reward_function
-from ..rl.rollout import SamplingConfig, generate
+from ..rl.rollout import SamplingConfig, sample_and_score
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,9 @@ def make_preferences(
     torch.manual_seed(seed)
     for start in tqdm(range(0, len(dataset), batch_size), desc="sampling preferences", disable=not progress):
         rows = [_prompt_row(dataset[i], kind, i) for i in range(start, min(start + batch_size, len(dataset)))]
-        out = generate(model, encoder, rows, num_generations=samples, sampling=sampling)
+        out, _, total = sample_and_score(model, encoder, rows, funcs, samples=samples, sampling=sampling)
         texts = out.texts
-        ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
-        columns = {k: [r.get(k) for r in rows for _ in range(samples)] for k in rows[0] if k != "prompt"}
-        prompts = [r["prompt"] for r in rows for _ in range(samples)]
-        scores = compute_rewards(funcs, prompts, texts, ids, columns)[1].view(len(rows), samples)
+        scores = total.view(len(rows), samples)
 
         template = gold_template
         if template == AUTO:

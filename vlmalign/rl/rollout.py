@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 from ..data.collate import Encoder
 from ..models.forward import unwrap_model
 from ..models.shared_prefix import prefill_shared_cache, select_prompt_rows, shared_prefix_unsupported
+from .rewards import compute_rewards
 
 
 @dataclass
@@ -157,3 +158,17 @@ def generate(
     expand = lambda: select_prompt_rows(unique_inputs, index, encoder.family, encoder.image_token_id)  # noqa: E731
     return Rollout(completion_ids, mask, truncated, texts, unique_prompt_inputs=unique_inputs, group_index=index,
                    _prompt_inputs=repeated, _expand=expand)
+
+
+def sample_and_score(model: torch.nn.Module, encoder: Encoder, rows: list[dict], reward_funcs: list, *, samples: int,
+                     sampling: SamplingConfig) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+    """`samples` completions per normalised prompt row, each scored by every reward function (the row's other
+    columns passed along): ``(rollout, per_func [N, F], total [N])`` as `compute_rewards` returns them, N = rows x
+    samples. The one sample-and-score loop of evaluation and preference-pair sampling (GRPO scores its rollouts
+    itself: rewards on local rows, gathered across processes)."""
+    out = generate(model, encoder, rows, num_generations=samples, sampling=sampling)
+    ids = [c[m.bool()].tolist() for c, m in zip(out.completion_ids, out.completion_mask)]
+    columns = {k: [r.get(k) for r in rows for _ in range(samples)] for k in rows[0] if k != "prompt"}
+    prompts = [r["prompt"] for r in rows for _ in range(samples)]
+    per_func, total = compute_rewards(reward_funcs, prompts, out.texts, ids, columns)
+    return out, per_func, total
