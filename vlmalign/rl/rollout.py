@@ -14,6 +14,7 @@ only differ where float rounding of the logits, ~1e-6, moves a draw across a pro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +36,12 @@ class SamplingConfig:
     min_p: float | None = None
     repetition_penalty: float = 1.0
     do_sample: bool = True
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> "SamplingConfig":
+        """The sampling settings of a config that has fields of the same names (GRPOConfig): one list of fields."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
+        return cls(**{**{name: getattr(config, name) for name in names}, **overrides})
 
 
 @dataclass

@@ -212,9 +212,7 @@ class GRPOTrainer(VLMTrainer):
         self.ref_model = make_reference_model(self.model, args, None, self.accelerator) if args.beta > 0 else None
         if self.ref_model is not None:
             self.balance_vision(self.ref_model)
-        self.sampling = SamplingConfig(
-            max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty, do_sample=True)
+        self.sampling = SamplingConfig.from_config(args, do_sample=True)
         self._step = 0                            # micro-steps taken (TRL's _step)
         self._rounds = {"train": 0, "eval": 0}    # generation batches sampled (seeds the sampling streams)
         self._buffer: GenerationBuffer | None = None
