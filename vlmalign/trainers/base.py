@@ -37,6 +37,7 @@ from .setup import lora_target_modules, prepare_model  # noqa: F401 (lora_target
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class BaseConfig(TrainingArguments):
     """Fields shared by every vlmalign config (on top of `transformers.TrainingArguments`)."""
