@@ -30,7 +30,8 @@ class Family:
     # How a processor batch lays out its vision tensors, for selecting / repeating prompt rows
     # (`vlmalign.models.shared_prefix.select_prompt_rows`): "per_row" (leading dim = batch row, e.g. Idefics3's
     # [B, images, C, H, W]), "per_image" (leading dim = image, rows' images in order, e.g. LLaVA's [images, C, H, W])
-    # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]).
+    # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]), or "per_tile"
+    # (InternVL: `pixel_values` [tiles, C, H, W], each image's tiles in order, the same tokens per tile).
     vision_batch_layout: str = "per_image"
     # The prompt's KV cache can be computed once per group and expanded to the group's completions
     # (`vlmalign.models.shared_prefix`); False makes those paths fall back to repeating the prompt.
