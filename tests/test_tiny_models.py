@@ -38,7 +38,7 @@ EXPECTED = {
     # Qwen3-VL: upscaled to min_pixels 64 x 64, 32 px per token -> 2 x 2
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
-    # Gemma 4: resized to the 70-soft-token budget, 2 px patches: 24 x 24 patches pooled 3 x 3 -> 8 x 8
+    # Gemma 4: resized to the 70-soft-token budget, 3 px patches: 16 x 16 patches pooled 2 x 2 -> 8 x 8
     "gemma4": ("Gemma4ForConditionalGeneration", "Gemma4Processor", "Gemma4ImageProcessorPil", 64),
     # OneVision: base 2 x 2 features + the 1 x 1 grid tile's 2 x 2 features + 2 newline features
     "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",

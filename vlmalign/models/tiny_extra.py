@@ -36,8 +36,9 @@ def gemma4(size: str, words) -> Built:
     # are <|turn>role ... <turn|>, the generation prompt opens an empty thought channel (thinking off), eos <eos>,
     # pad <pad>, padding side left. Each <|image|> is expanded to <|image> + soft tokens + <image|>; the image is
     # resized (aspect ratio kept) to the largest size whose 16 px patches, pooled 3 x 3, fit the soft-token budget
-    # (70 ... 1120; 280 by default). Scaled: 2 px patches (tiny) / 4 px (small), budget 70 -> 8 x 8 = 64 soft
-    # tokens for a square image (tiny); 280 -> 16 x 16 = 256 (small).
+    # (70 ... 1120; 280 by default). Scaled: budget 70 (the smallest allowed) with 3 px patches pooled 2 x 2 (tiny:
+    # 16 x 16 patches -> 8 x 8 = 64 soft tokens for a square image; 3 x 3 pooling would make the tower run 630
+    # patch slots, 5x slower), 280 with 4 px patches pooled 3 x 3 (small: 256 soft tokens for a square image).
     tok = build_tokenizer(
         GEMMA4_TOKENS, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>", unk_token="<unk>", extra_words=words,
         chat_template=official_template("gemma4"), add_bos=True, padding_side="left",
@@ -45,7 +46,7 @@ def gemma4(size: str, words) -> Built:
                        "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
     )
     ids = tok.convert_tokens_to_ids
-    patch, soft = (2, 70) if size == "tiny" else (4, 280)
+    patch, soft, pool = (3, 70, 2) if size == "tiny" else (4, 280, 3)
     text = _TEXT[size]
     layers = text["num_hidden_layers"]
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -62,7 +63,8 @@ def gemma4(size: str, words) -> Built:
         hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
         num_hidden_layers=vision["num_hidden_layers"], num_attention_heads=vision["num_attention_heads"],
         num_key_value_heads=vision["num_attention_heads"], head_dim=vision["hidden_size"] // vision["num_attention_heads"],
-        patch_size=patch, pooling_kernel_size=3, position_embedding_size=soft * 9, default_output_length=soft,
+        patch_size=patch, pooling_kernel_size=pool, position_embedding_size=soft * pool**2,
+        default_output_length=soft,
     )
     config = transformers.Gemma4Config(
         text_config=text_config, vision_config=vision_config, audio_config=None,
@@ -71,7 +73,7 @@ def gemma4(size: str, words) -> Built:
         audio_token_id=ids("<|audio|>"), tie_word_embeddings=True,
     )
     image_processor = transformers.Gemma4ImageProcessorPil(patch_size=patch, max_soft_tokens=soft,
-                                                           pooling_kernel_size=3)
+                                                           pooling_kernel_size=pool)
     processor = image_only_processor_class(transformers.Gemma4Processor)(
         feature_extractor=transformers.Gemma4AudioFeatureExtractor(), image_processor=image_processor,
         tokenizer=tok, image_seq_length=soft, chat_template=tok.chat_template,
