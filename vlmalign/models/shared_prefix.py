@@ -234,8 +234,6 @@ def shared_prefix_logps(
         logps, entropy, _ = token_logps(model, batch, completion_mask, keep_last=width, temperature=temperature,
                                         with_entropy=with_entropy, chunk_size=chunk_size)
         return logps, entropy
-    if _softcap(model):
-        raise NotImplementedError("models with final-logit soft-capping need full logits; not supported here")
 
     prompt_inputs = {k: v for k, v in prompt_batch.items() if k != "labels"}
     completion_inputs = {}
@@ -259,7 +257,7 @@ def shared_prefix_logps(
     projection, bias = projection_head(head)
     logps, entropy = token_logprobs_from_hidden(hidden[scored], projection, completion_ids[scored], bias=bias,
                                                 chunk_size=chunk_size, temperature=temperature,
-                                                with_entropy=with_entropy)
+                                                with_entropy=with_entropy, softcap=_softcap(model))
     full = lambda values: values.new_zeros(scored.shape).masked_scatter(scored, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None)
 

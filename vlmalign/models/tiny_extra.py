@@ -56,7 +56,7 @@ def gemma4(size: str, words) -> Built:
         # per-layer input embeddings (E2B: 256 wide), scaled down
         vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=16, num_kv_shared_layers=0,
         bos_token_id=ids("<bos>"), eos_token_id=[ids("<eos>"), ids("<turn|>")], pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True, final_logit_softcapping=None,
+        tie_word_embeddings=True, final_logit_softcapping=30.0,  # as the real checkpoints
     )
     vision = _VISION[size]
     vision_config = transformers.Gemma4VisionConfig(
