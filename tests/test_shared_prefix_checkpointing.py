@@ -24,6 +24,10 @@ from vlmalign.models.families import get_family
 from vlmalign.models.forward import token_logps
 
 RTOL = 1e-5
+# Gemma 4's vision tower normalises queries and keys (RMSNorm): the Q/K projection gradients are small differences,
+# and float32 rounding (the plain path runs G copies of each image, the shared path one) reaches 1.1e-5 relative
+# there; in float64 the same comparison gives <= 2.5e-7 on every parameter (measured), so it is rounding.
+GRAD_RTOL = {"gemma4": 2e-5}
 
 
 def _grpo(logps, entropy, mask, seed=1):
@@ -71,7 +75,7 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
         with _checkpointing(model, reentrant), caplog.at_level(logging.INFO, logger=sp.__name__):
             loss, grads = _loss_and_grads(model, shared_grpo)
         torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-7)
-        _assert_grads_close(grads_plain, grads, get_family(model), rtol=RTOL)
+        _assert_grads_close(grads_plain, grads, get_family(model), rtol=GRAD_RTOL.get(family, RTOL))
         assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules()), "setting not restored"
     assert not any("unavailable" in r.getMessage() for r in caplog.records), "fell back to the plain path"
 
@@ -87,7 +91,7 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
     with _checkpointing(model, False):
         loss, grads = _loss_and_grads(model, lambda: dpo(sp.shared_prefix_logps(model, unique, ids, mask, 2)[0]))
     torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-7)
-    _assert_grads_close(grads_plain, grads, get_family(model), rtol=RTOL)
+    _assert_grads_close(grads_plain, grads, get_family(model), rtol=GRAD_RTOL.get(family, RTOL))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

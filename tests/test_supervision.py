@@ -28,7 +28,8 @@ from vlmalign.models.tiny import TEMPLATES
 # The first 12 hex digits of each official template's SHA-256, as recorded in official-templates-facts.md (LLaVA-1.5:
 # the JSON-decoded string of transformers' test, see chat_templates/SOURCES.md).
 TEMPLATE_SHA = {"qwen2_5_vl": "a0bc6f6fc7a2", "qwen3_vl": "3636d0f0bd6b", "idefics3": "0d7e56ca4170",
-                "smolvlm": "830005085ddd", "gemma3": "7de1c58e208e", "llava_1_5": "50c43d0ac06b"}
+                "smolvlm": "830005085ddd", "gemma3": "7de1c58e208e", "llava_1_5": "50c43d0ac06b",
+                "gemma4": "87294f1fa94c", "llava_onevision": "fbf77862dcdd", "internvl": "b3e3fa7cdece"}
 
 # family -> (generation prompt the template renders, separator it puts between role and answer, end-of-turn token)
 RENDERED = {
@@ -41,6 +42,9 @@ RENDERED = {
     "gemma3": ("<start_of_turn>model\n", "", "<end_of_turn>"),
     "qwen3_vl": ("<|im_start|>assistant\n", "", "<|im_end|>"),
     "qwen3_vl_moe": ("<|im_start|>assistant\n", "", "<|im_end|>"),
+    "gemma4": ("<|turn>model\n", "", "<turn|>"),  # the generation prompt's empty thought channel is not rendered
+    "llava_onevision": ("<|im_start|>assistant \n", "", "<|im_end|>"),  # "assistant \n" in the conversation
+    "internvl": ("<|im_start|>assistant\n", "", "<|im_end|>"),
 }
 
 

@@ -38,7 +38,18 @@ EXPECTED = {
     # Qwen3-VL: upscaled to min_pixels 64 x 64, 32 px per token -> 2 x 2
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
     "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
+    # Gemma 4: resized to the 70-soft-token budget, 3 px patches: 16 x 16 patches pooled 2 x 2 -> 8 x 8
+    "gemma4": ("Gemma4ForConditionalGeneration", "Gemma4Processor", "Gemma4ImageProcessorPil", 64),
+    # OneVision: base 2 x 2 features + the 1 x 1 grid tile's 2 x 2 features + 2 newline features
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor",
+                        "LlavaOnevisionImageProcessorPil", 10),
+    # InternVL: one 28 px tile (no thumbnail for a single tile), 4 x 4 patches pixel-shuffled to 2 x 2
+    "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor", "GotOcr2ImageProcessorPil", 4),
 }
+
+# Image tokens of the two-image row where it is not twice one image's: OneVision encodes an image of a multi-image
+# row without the anyres grid (base 2 x 2 features + one newline feature each).
+TWO_IMAGES = {"llava_onevision": 2 * (4 + 1)}
 
 # The real checkpoints' tokenizer facts (../shared/reference/official-templates-facts.md): BOS added by the
 # tokenizer, default padding side, eos and pad tokens, and the official template file each tiny model carries.
@@ -52,6 +63,9 @@ TOKENIZER_FACTS = {
     "gemma3": (True, "left", "<eos>", "<pad>", "gemma3"),
     "qwen3_vl": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_vl"),
     "qwen3_vl_moe": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_vl"),
+    "gemma4": (True, "left", "<eos>", "<pad>", "gemma4"),
+    "llava_onevision": (False, "right", "<|im_end|>", "<|endoftext|>", "llava_onevision"),
+    "internvl": (False, "left", "<|im_end|>", "<|endoftext|>", "internvl"),
 }
 
 # Processor settings that must survive save -> load_processor (they fix the number of placeholder tokens).
@@ -202,11 +216,12 @@ def test_chat_batch_forward(tiny, side):
     assert (pad_column == 0).any()  # the shorter row is padded on the requested side
     image_id = fam.image_token_id(tiny.model)
     per_image = EXPECTED[tiny.name][3]
-    assert 4 <= per_image <= 24
+    assert 4 <= per_image <= 64
     for row, answer in enumerate(ANSWERS):
         labels = batch["labels"][row]
         assert tok.decode(labels[labels != -100]).strip() == answer + fam.eos_token
-        assert int((ids[row] == image_id).sum()) == (row + 1) * per_image
+        expected = TWO_IMAGES.get(tiny.name, 2 * per_image) if row else per_image
+        assert int((ids[row] == image_id).sum()) == expected
         if tok.bos_token_id is not None and tok.bos_token != "<|im_start|>":  # BOS exactly once
             assert int((ids[row] == tok.bos_token_id).sum()) == 1
     if fam.token_type_key is not None:

@@ -18,7 +18,7 @@ Rows reaching this module are already normalised by `vlmalign.data.formats` (mes
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -119,6 +119,7 @@ class PreferenceCollator:
     encoder: Encoder
 
     shared_prefix: bool = False
+    _fallback_logged: bool = field(default=False, init=False, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         convs = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
@@ -131,6 +132,11 @@ class PreferenceCollator:
             shared = split_completions(batch, prompts)
             if shared is not None:
                 batch["shared"] = shared
+            elif not self._fallback_logged:
+                self._fallback_logged = True
+                logger.info("shared-prefix preference batch unavailable: the chat template's generation prompt is not "
+                            "a prefix of the rendered conversation (e.g. Gemma 4's empty thought channel, "
+                            "LLaVA-OneVision's 'assistant \\n'); running the chosen and rejected rows in full")
         return batch
 
 

@@ -20,6 +20,9 @@ What this handles, template by template (see docs/supervision.md):
   supervised tokens, otherwise the row is refused;
 * a generation prompt that is not a token prefix of the conversation (LLaVA-OneVision renders ``assistant \\n``
   in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped;
+* a generation prompt that opens an empty reasoning block the conversation does not render (Gemma 4 with thinking
+  off ends its prompt with ``<|channel>thought\n<channel|>``, a past answer renders without it): the block is
+  skipped, the answer starts where the two differ;
 * BOS rendered by the template *and* added by the tokenizer (Gemma 3, Idefics3): special tokens are not added when
   the rendered text already starts with BOS (never two BOS);
 * templates that render no end-of-turn token after an answer (LLaVA-1.5 never renders ``</s>``): the family's
@@ -35,6 +38,10 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+
+
+# Empty reasoning blocks a generation prompt may open that the rendered conversation leaves out (Gemma 4).
+EMPTY_REASONING = re.compile(r"\s*(<\|channel>thought\s*<channel\|>|<think>\s*</think>)\s*")
 
 
 class SupervisionError(ValueError):
@@ -169,7 +176,7 @@ class Supervisor:
             start = _common_prefix(prompt, ids)
             if start < len(prompt):
                 tail = decode(prompt[start:])
-                if tail.strip():
+                if tail.strip() and not EMPTY_REASONING.fullmatch(tail):
                     raise _error(i, t, f"the chat template's generation prompt ends with {tail!r}, which the rendered "
                                        "conversation does not contain at that place")
                 while start < len(ids) and not decode(ids[start:start + 1]).strip() and ids[start] != self.end_of_turn_id:

@@ -101,11 +101,13 @@ def token_logprobs_from_hidden(
     temperature: float = 1.0,
     with_entropy: bool = False,
     with_hits: bool = False,
+    softcap: float | None = None,  # final-logit soft-capping (Gemma 2 / Gemma 4): cap * tanh(logits / cap)
 ) -> tuple[Tensor, ...]:  # ([N] float32, [N] float32 or None[, [N] bool])
     """Per-token ``log p(target)`` (and the entropy of the full next-token distribution) from hidden
     states, projecting ``chunk_size`` rows at a time through the LM head: logits are
-    ``lm_head(hidden) / temperature`` (projected in the head's dtype, then cast to float32), computed only at
-    the given positions. The entropy is that of the tempered distribution, and differentiable.
+    ``lm_head(hidden) / temperature`` (projected in the head's dtype, then cast to float32; soft-capped first when
+    ``softcap`` is given, as the model's own forward does), computed only at the given positions. The entropy is
+    that of the tempered distribution, and differentiable.
 
     When gradients are needed, each chunk runs under ``torch.utils.checkpoint`` (non-reentrant): forward
     keeps only the chunk's inputs and its ``[n]`` outputs, and backward recomputes one chunk's logits at a
@@ -123,6 +125,8 @@ def token_logprobs_from_hidden(
 
     def chunk_fn(h: Tensor, tgt: Tensor, *p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         logits = project(h, *p).float()  # [n, V]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
         hits = (logits.argmax(dim=-1) == tgt) if with_hits else tgt.new_empty(0, dtype=torch.bool)
         if temperature != 1.0:
             logits = logits / temperature

@@ -30,7 +30,8 @@ class Family:
     # How a processor batch lays out its vision tensors, for selecting / repeating prompt rows
     # (`vlmalign.models.shared_prefix.select_prompt_rows`): "per_row" (leading dim = batch row, e.g. Idefics3's
     # [B, images, C, H, W]), "per_image" (leading dim = image, rows' images in order, e.g. LLaVA's [images, C, H, W])
-    # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]).
+    # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]), or "per_tile"
+    # (InternVL: `pixel_values` [tiles, C, H, W], each image's tiles in order, the same tokens per tile).
     vision_batch_layout: str = "per_image"
     # The prompt's KV cache can be computed once per group and expanded to the group's completions
     # (`vlmalign.models.shared_prefix`); False makes those paths fall back to repeating the prompt.
@@ -158,6 +159,28 @@ register(replace(FAMILIES["qwen2_vl"], name="qwen3_vl", model_types=("qwen3_vl",
                  projector_module_patterns=(r"(^|\.)visual\.(merger|deepstack_merger_list)\.",)))
 # Qwen3-VL-MoE (e.g. 30B-A3B): the same, with mixture-of-experts text layers.
 register(replace(FAMILIES["qwen3_vl"], name="qwen3_vl_moe", model_types=("qwen3_vl_moe",)))
+# Gemma 4 (E2B-it): soft tokens wrapped in <|image> ... <image|>; causal text attention (the E2B/E4B checkpoints
+# set no `use_bidirectional_attention`), per-layer input embeddings in the language model.
+register(Family(
+    name="gemma4", model_types=("gemma4",), image_token="<|image|>",
+    vision_special_tokens=("<|image|>", "<|image>", "<image|>", "<|video|>", "<|audio|>", "<|audio>", "<audio|>"),
+    token_type_key="mm_token_type_ids", vision_module_patterns=(r"(^|\.)vision_tower\.",),
+    projector_module_patterns=(r"(^|\.)embed_vision\.",), eos_token="<turn|>",
+))
+# LLaVA-OneVision: anyres grids; the newline feature (`image_newline`) belongs to the projector side.
+register(Family(
+    name="llava_onevision", model_types=("llava_onevision",), image_token="<image>",
+    vision_special_tokens=("<image>", "<video>"), token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_tower\.",),
+    projector_module_patterns=(r"(^|\.)multi_modal_projector\.", r"(^|\.)image_newline$"), eos_token="<|im_end|>",
+))
+# InternVL (3 / 3.5 -hf): `pixel_values` holds tiles, an image's tiles in order ("per_tile").
+register(Family(
+    name="internvl", model_types=("internvl",), image_token="<IMG_CONTEXT>",
+    vision_special_tokens=("<IMG_CONTEXT>", "<img>", "</img>", "<video>"), token_type_key=None,
+    vision_module_patterns=(r"(^|\.)vision_tower\.",), projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
+    eos_token="<|im_end|>", vision_batch_layout="per_tile",
+))
 
 
 def family_names() -> list[str]:

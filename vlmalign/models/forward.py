@@ -44,13 +44,22 @@ def lm_head_bypassed(model: nn.Module):
     The bypass adds `0 * weight[0, 0]` to its output, so the head's weight stays in the forward's autograd graph:
     DDP with `find_unused_parameters=True` (needed when a batch has no image and the vision tower gets no
     gradient) would otherwise mark the head unused, then fail when its gradient arrives ("marked ready twice")."""
-    head = unwrap_model(model).get_output_embeddings()
+    base = unwrap_model(model)
+    head = base.get_output_embeddings()
     original = head.forward
     head.forward = lambda hidden: hidden + head.weight[0, 0] * 0.0
+    # The model's final-logit soft-capping (Gemma 4) would squash the hidden states: off inside the block, applied
+    # by the projection instead (`token_logprobs_from_hidden(softcap=...)`).
+    text = base.config.get_text_config()
+    cap = getattr(text, "final_logit_softcapping", None)
+    if cap is not None:
+        text.final_logit_softcapping = None
     try:
         yield head
     finally:
         head.forward = original
+        if cap is not None:
+            text.final_logit_softcapping = cap
 
 
 def projection_head(head: nn.Module) -> tuple[nn.Module | torch.Tensor, torch.Tensor | None]:
@@ -74,9 +83,8 @@ def _model_inputs(batch: dict) -> dict:
 
 
 def hidden_states(model: nn.Module, batch: dict, *, keep_last: int = 0):
-    """Final hidden states [B, T, H] (or the last `keep_last` positions) and the LM head module."""
-    if _softcap(model):
-        raise NotImplementedError("models with final-logit soft-capping need full logits; not supported here")
+    """Final hidden states [B, T, H] (or the last `keep_last` positions) and the LM head module (the model's
+    soft-capping, if any, is left to the caller: `_softcap(model)`)."""
     with lm_head_bypassed(model) as head:
         out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=keep_last)
     return out.logits, head
@@ -109,7 +117,7 @@ def token_logps(
     projection, bias = projection_head(head)
     logps, entropy, hits = token_logprobs_from_hidden(
         mask_flat_hidden, projection, targets, bias=bias, chunk_size=chunk_size, temperature=temperature,
-        with_entropy=with_entropy, with_hits=True,
+        with_entropy=with_entropy, with_hits=True, softcap=_softcap(model),
     )
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)

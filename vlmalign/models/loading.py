@@ -60,7 +60,16 @@ def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin
         # A class attribute: read when the instance has none; never saved (`to_dict` reads the instance's dict).
         "video_processor": SimpleNamespace(num_frames=None, fps=None),
     }
-    return type(cls.__name__, (cls,), attrs)
+    # Processors that hand `video_processor=...` to ProcessorMixin by keyword (Gemma 4) would be refused there (the
+    # generated signature has no such slot): `_NoVideoSlot` sits between them and ProcessorMixin and drops it.
+    return type(cls.__name__, (cls, _NoVideoSlot), attrs)
+
+
+class _NoVideoSlot(ProcessorMixin):
+    def __init__(self, *args, **kwargs):
+        if "video_processor" in kwargs and kwargs["video_processor"] is None:
+            del kwargs["video_processor"]
+        super().__init__(*args, **kwargs)
 
 
 def _processor_class_name(path: Path) -> str | None:

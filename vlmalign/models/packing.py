@@ -113,7 +113,7 @@ def pack_rows(model: nn.Module, batch: dict) -> dict:
             out[key] = value[real].unsqueeze(0)
         elif family.vision_batch_layout == "per_row":
             out[key] = value.reshape(1, rows * value.shape[1], *value.shape[2:])
-        elif family.vision_batch_layout in ("per_image", "per_patch"):
+        elif family.vision_batch_layout in ("per_image", "per_patch", "per_tile"):
             out[key] = value                                                  # images in row order already
         else:
             raise ValueError(f"{family.name}: don't know how to pack batch key {key!r} {tuple(value.shape)}")

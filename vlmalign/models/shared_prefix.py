@@ -73,6 +73,17 @@ def images_per_row(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor
     return (is_image & ~previous).sum(dim=1)
 
 
+def _tiles_per_row(batch: dict, image_token_id: int) -> torch.Tensor:
+    """[B] vision tiles of each row ("per_tile" layout: `pixel_values` [tiles, C, H, W]): every tile gives the same
+    number of image tokens, so a row's tiles are its image tokens * tiles / all image tokens."""
+    tokens = (batch["input_ids"] == image_token_id).sum(dim=1)               # [B]
+    pixels = batch.get("pixel_values")
+    total = int(tokens.sum())
+    if pixels is None or total == 0:
+        return torch.zeros_like(tokens)
+    return tokens * pixels.shape[0] // total
+
+
 def select_prompt_rows(batch: dict, index: torch.Tensor, family: Family, image_token_id: int) -> dict:
     """The processor batch made of rows `index` [N] of `batch` (rows may repeat: `arange(B).repeat_interleave(G)`
     is the plain path's prompts repeated G times), vision tensors included, laid out as the family's processor
@@ -83,8 +94,15 @@ def select_prompt_rows(batch: dict, index: torch.Tensor, family: Family, image_t
     index = index.to(ids.device)
     layout = family.vision_batch_layout
     out = {}
-    if layout in ("per_image", "per_patch"):
-        counts = images_per_row(ids, image_token_id)                          # [B] images of each row
+    if layout in ("per_image", "per_patch", "per_tile"):
+        # [B] images (InternVL: tiles) of each row; a row's tiles are its image tokens / tokens per tile
+        if layout == "per_tile":
+            counts = _tiles_per_row(batch, image_token_id)
+        elif batch.get("batch_num_images") is not None:  # OneVision: [rows with images] (adjacent images merge)
+            counts = torch.zeros(rows, dtype=torch.long, device=ids.device)
+            counts[(ids == image_token_id).any(dim=1)] = batch["batch_num_images"].to(ids.device).long()
+        else:
+            counts = images_per_row(ids, image_token_id)
         first = torch.cumsum(counts, 0) - counts                              # [B] index of each row's first image
         images = torch.cat([torch.arange(int(first[r]), int(first[r] + counts[r])) for r in index.tolist()]
                            + [torch.zeros(0, dtype=torch.long)]).to(ids.device)  # selected image indices, in order
@@ -93,9 +111,12 @@ def select_prompt_rows(batch: dict, index: torch.Tensor, family: Family, image_t
             out[key] = value
         elif value.dim() >= 2 and value.shape[:2] == (rows, length):          # ids, masks, token types, labels
             out[key] = value.index_select(0, index)
+        elif key == "batch_num_images":                                       # OneVision: rows with images only
+            selected = counts[index]
+            out[key] = selected[selected > 0].to(value.device, value.dtype)
         elif layout == "per_row":
             out[key] = value.index_select(0, index.to(value.device))
-        elif layout == "per_image" or key == "image_grid_thw":
+        elif layout in ("per_image", "per_tile") or key == "image_grid_thw":
             out[key] = value.index_select(0, images.to(value.device))
         elif layout == "per_patch" and key == "pixel_values":
             grid = batch["image_grid_thw"]
@@ -213,8 +234,6 @@ def shared_prefix_logps(
         logps, entropy, _ = token_logps(model, batch, completion_mask, keep_last=width, temperature=temperature,
                                         with_entropy=with_entropy, chunk_size=chunk_size)
         return logps, entropy
-    if _softcap(model):
-        raise NotImplementedError("models with final-logit soft-capping need full logits; not supported here")
 
     prompt_inputs = {k: v for k, v in prompt_batch.items() if k != "labels"}
     completion_inputs = {}
@@ -238,7 +257,7 @@ def shared_prefix_logps(
     projection, bias = projection_head(head)
     logps, entropy = token_logprobs_from_hidden(hidden[scored], projection, completion_ids[scored], bias=bias,
                                                 chunk_size=chunk_size, temperature=temperature,
-                                                with_entropy=with_entropy)
+                                                with_entropy=with_entropy, softcap=_softcap(model))
     full = lambda values: values.new_zeros(scored.shape).masked_scatter(scored, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None)
 

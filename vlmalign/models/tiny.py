@@ -330,6 +330,12 @@ def _gemma3(size: str, words) -> Built:
     return Built(config, processor, ("<eos>", "<end_of_turn>"))
 
 
+def _extra(name: str) -> Callable[[str, list[str]], Built]:
+    from . import tiny_extra  # Gemma 4, LLaVA-OneVision, InternVL (kept apart: file size)
+
+    return getattr(tiny_extra, name)
+
+
 BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
     "qwen2_vl": lambda size, words: _qwen(size, words, v25=False),
     "qwen2_5_vl": lambda size, words: _qwen(size, words, v25=True),
@@ -340,6 +346,9 @@ BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
     "gemma3": _gemma3,
     "qwen3_vl": lambda size, words: _qwen3(size, words, moe=False),
     "qwen3_vl_moe": lambda size, words: _qwen3(size, words, moe=True),
+    "gemma4": lambda size, words: _extra("gemma4")(size, words),
+    "llava_onevision": lambda size, words: _extra("llava_onevision")(size, words),
+    "internvl": lambda size, words: _extra("internvl")(size, words),
 }
 
 
