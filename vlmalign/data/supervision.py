@@ -19,7 +19,9 @@ What this handles, template by template (see docs/supervision.md):
   LLaVA templates render nothing for plain-string content), and the answer's text must appear among its
   supervised tokens, otherwise the row is refused;
 * a generation prompt that is not a token prefix of the conversation (LLaVA-OneVision renders ``assistant \\n``
-  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped;
+  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped, or an empty
+  reasoning block (Qwen3.5's prompt ends with ``<think>`` or ``<think></think>``, which the template drops from
+  assistant turns before the last user message);
 * BOS rendered by the template *and* added by the tokenizer (Gemma 3, Idefics3): special tokens are not added when
   the rendered text already starts with BOS (never two BOS);
 * templates that render no end-of-turn token after an answer (LLaVA-1.5 never renders ``</s>``): the family's
@@ -47,6 +49,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+# An empty reasoning block that a template's generation prompt opens but that it leaves out of earlier assistant
+# turns (Qwen3.5: the prompt ends "<think>\n\n</think>\n\n" or "<think>\n"; turns before the last user message
+# render without it): skipped like whitespace, the turn's answer is supervised as the template renders it.
+_EMPTY_REASONING = re.compile(r"<think>(</think>)?")
 
 
 def _squash(text: str) -> str:
@@ -169,7 +177,7 @@ class Supervisor:
             start = _common_prefix(prompt, ids)
             if start < len(prompt):
                 tail = decode(prompt[start:])
-                if tail.strip():
+                if tail.strip() and not _EMPTY_REASONING.fullmatch(_squash(tail)):
                     raise _error(i, t, f"the chat template's generation prompt ends with {tail!r}, which the rendered "
                                        "conversation does not contain at that place")
                 while start < len(ids) and not decode(ids[start:start + 1]).strip() and ids[start] != self.end_of_turn_id:

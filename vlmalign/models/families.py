@@ -159,6 +159,15 @@ register(replace(FAMILIES["qwen2_vl"], name="qwen3_vl", model_types=("qwen3_vl",
 # Qwen3-VL-MoE (e.g. 30B-A3B): the same, with mixture-of-experts text layers.
 register(replace(FAMILIES["qwen3_vl"], name="qwen3_vl_moe", model_types=("qwen3_vl_moe",)))
 
+# Qwen3.5 (natively multimodal; dense and mixture of experts): the Qwen3-VL layout without DeepStack mergers, hybrid
+# text layers (gated-DeltaNet linear attention + full attention). The linear-attention layers' conv and recurrent
+# states ride in the cache beside the full-attention keys/values; `vlmalign.models.prefix_cache` shares them across
+# a group like the keys/values. Packing is off: transformers' torch fallbacks of the causal conv1d and of the
+# chunked gated delta rule ignore the row boundaries (`cu_seq_lens_q` / `seq_idx`), so the recurrent state of one
+# packed row would flow into the next.
+register(replace(FAMILIES["qwen2_vl"], name="qwen3_5", model_types=("qwen3_5",), packing=False))
+register(replace(FAMILIES["qwen3_5"], name="qwen3_5_moe", model_types=("qwen3_5_moe",)))
+
 
 def family_names() -> list[str]:
     return list(FAMILIES)
