@@ -19,9 +19,10 @@ What this handles, template by template (see docs/supervision.md):
   LLaVA templates render nothing for plain-string content), and the answer's text must appear among its
   supervised tokens, otherwise the row is refused;
 * a generation prompt that is not a token prefix of the conversation (LLaVA-OneVision renders ``assistant \\n``
-  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped, or an empty
-  reasoning block (Qwen3.5's prompt ends with ``<think>`` or ``<think></think>``, which the template drops from
-  assistant turns before the last user message);
+  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped, or part of a
+  reasoning block (Qwen3.5's prompt ends with ``<think>`` or an empty ``<think></think>``, which the template drops
+  from assistant turns before the last user message and which an answer's own ``<think>...</think>`` fills): the
+  turn is then supervised from where the conversation leaves the prompt;
 * BOS rendered by the template *and* added by the tokenizer (Gemma 3, Idefics3): special tokens are not added when
   the rendered text already starts with BOS (never two BOS);
 * templates that render no end-of-turn token after an answer (LLaVA-1.5 never renders ``</s>``): the family's
@@ -51,10 +52,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-# An empty reasoning block that a template's generation prompt opens but that it leaves out of earlier assistant
-# turns (Qwen3.5: the prompt ends "<think>\n\n</think>\n\n" or "<think>\n"; turns before the last user message
-# render without it): skipped like whitespace, the turn's answer is supervised as the template renders it.
-_EMPTY_REASONING = re.compile(r"<think>(</think>)?")
+# The reasoning block a template's generation prompt opens (Qwen3.5: the prompt ends "<think>\n" or with an empty
+# "<think>\n\n</think>\n\n"), where the conversation differs from the prompt: turns before the last user message
+# render without it, and an answer that carries its own "<think>...</think>" fills it. Skipped like whitespace: the
+# turn is supervised from where the conversation leaves the prompt, as the template renders it.
+_REASONING_TAIL = re.compile(r"<think>(</think>)?|</think>")
+_REASONING_TAGS = re.compile(r"</?think>")
 
 
 def _squash(text: str) -> str:
@@ -177,7 +180,7 @@ class Supervisor:
             start = _common_prefix(prompt, ids)
             if start < len(prompt):
                 tail = decode(prompt[start:])
-                if tail.strip() and not _EMPTY_REASONING.fullmatch(_squash(tail)):
+                if tail.strip() and not _REASONING_TAIL.fullmatch(_squash(tail)):
                     raise _error(i, t, f"the chat template's generation prompt ends with {tail!r}, which the rendered "
                                        "conversation does not contain at that place")
                 while start < len(ids) and not decode(ids[start:start + 1]).strip() and ids[start] != self.end_of_turn_id:
@@ -188,7 +191,9 @@ class Supervisor:
                 raise _error(i, t, f"the chat template rendered no end-of-turn token {self.end_of_turn!r} after the "
                                    "answer") from None
             answer = "".join(b.get("text") or "" for b in conversations[i][t]["content"] if b.get("type") == "text")
-            if end == start or _squash(answer) not in _squash(decode(ids[start:end])):
+            # the reasoning tags may sit in the prompt or be re-spaced by the template (Qwen3.5): compared without
+            if end == start or _REASONING_TAGS.sub("", _squash(answer)) not in _REASONING_TAGS.sub(
+                    "", _squash(decode(ids[start:end]))):
                 raise _error(i, t, "the chat template rendered no assistant tokens for this answer (its text does not "
                                    "appear after the generation prompt)")
             out[i].append((int(positions[start]), int(positions[end]) + 1))

@@ -170,6 +170,21 @@ def _qwen3(size: str, words, *, moe: bool) -> Built:
                        (min_pixels, max_pixels), ([0.5] * 3, [0.5] * 3))
 
 
+def _qwen3_5_pretokenizer(tok) -> None:
+    """The Qwen3.5 tokenizer's own normaliser (NFC) and pre-tokenizer (its split regex: each digit alone, a space
+    before a digit a token of its own), which transformers' `Qwen3_5Tokenizer` puts back on any saved vocabulary
+    when it loads a qwen3_5 model's tokenizer; set here too, so the in-memory and the saved tokenizer agree."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
 def _qwen3_5(size: str, words, *, moe: bool) -> Built:
     # Qwen/Qwen3.5-0.8B / -2B (dense) and Qwen/Qwen3.5-35B-A3B (mixture of experts): natively multimodal, the
     # Qwen3-VL tokenizer layout and processor (no BOS, eos <|im_end|>, pad <|endoftext|>, padding side right; 16 px
@@ -181,6 +196,7 @@ def _qwen3_5(size: str, words, *, moe: bool) -> Built:
     # 0.25), interleaved 3-D rotary positions. Scaled: 4 layers, 64-128 px (4-16 image tokens) in `tiny`, 512 x 512
     # px (256 tokens) in `small`; MoE: 4 experts, 2 per token, plus the shared expert.
     tok = _qwen_tokenizer(words, "qwen3_5_think" if moe else "qwen3_5_nothink", "right")
+    _qwen3_5_pretokenizer(tok)
     ids = tok.convert_tokens_to_ids
     hidden, inter = (64, 256) if size == "tiny" else (256, 688)
     head_dim = 32 if size == "tiny" else 64
