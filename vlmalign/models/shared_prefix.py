@@ -45,6 +45,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
@@ -267,7 +268,11 @@ def prefill_shared_cache(model: nn.Module, prompt_batch: dict, index: torch.Tens
     inputs["position_ids"] = positions[..., :-1]
     out = base(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_select_indices(index)
+    for layer in cache.layers:
+        if hasattr(layer, "batch_select_indices"):
+            layer.batch_select_indices(index)                       # keys / values
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            LinearAttentionCacheLayerMixin.reorder_cache(layer, index)  # conv / recurrent states (Qwen3.5)
     return {
         "input_ids": ids[index],
         "attention_mask": mask[index],
