@@ -9,8 +9,10 @@ of different lengths (1 .. C tokens). Float32 tiny models, built once per module
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,13 @@ from vlmalign.rl.rollout import Rollout, SamplingConfig, generate
 
 FAMILIES = family_names()
 RTOL = 1e-4
+# Linear attention (Qwen3.5): the gradients of the decay path (A_log, dt_bias, in_proj_a and their LoRA adapters)
+# carry the float32 rounding of transformers' chunked gated delta rule (in-chunk cumulative decays of -20 per token
+# and more): the plain path against itself with 7 extra left-padding columns already moves them by up to 2e-2
+# relative; with the rule run in float64 the shared path equals the plain path to 2.3e-7 on every parameter
+# (measured on the tiny qwen3_5). They are held to 1e-3 here, every other parameter to the test's tolerance.
+DECAY_PATH = re.compile(r"linear_attn\.(A_log|dt_bias|in_proj_a)\b")
+DECAY_RTOL = 1e-3
 WIDTH = 6            # completion length C
 ENCODE = dict(padding_side="left", add_generation_prompt=True, with_labels=False)
 
@@ -95,7 +104,8 @@ def _assert_grads_close(plain: dict, shared: dict, family, rtol: float = RTOL) -
     for name, grad in plain.items():
         scale = max(grad.norm().item(), 1e-3 * total.item())
         err = (shared[name] - grad).norm().item() / scale
-        assert err <= rtol, f"{name}: gradient relative error {err:.2e}"
+        bound = max(rtol, DECAY_RTOL) if DECAY_PATH.search(name) else rtol
+        assert err <= bound, f"{name}: gradient relative error {err:.2e}"
         if grad.norm() > 1e-3 * total:
             worst = max(worst, err)
     vision = [g.norm().item() for n, g in shared.items() if family.is_vision_param(n)]
