@@ -53,8 +53,9 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 # ---------------------------------------------------------------------------------------------------------- setup
 
 
-def setup(num_prompts: int, num_generations: int, completion_length: int, seed: int = 0) -> dict:
-    model, processor = build_tiny_model("qwen2_vl", "small", seed=seed)
+def setup(num_prompts: int, num_generations: int, completion_length: int, seed: int = 0,
+          family_name: str = "qwen2_vl") -> dict:
+    model, processor = build_tiny_model(family_name, "small", seed=seed)
     family = get_family(model)
     encoder = Encoder(processor, family, family.image_token_id(model))
     rng = np.random.default_rng(seed)
@@ -194,15 +195,20 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-packed", action="store_true")
+    parser.add_argument("--family", default="qwen2_vl", help="tiny-model family (`small` size); qwen3_5 / qwen3_5_moe "
+                        "share their linear-attention states too (the packed prototype is skipped for them: its 4-D "
+                        "block mask does not reach linear-attention layers)")
     args = parser.parse_args()
     if os.environ.get(MMAP_ENV) is None:                       # see the module docstring (memory method)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "65536"})
     torch.set_num_threads(args.threads)
 
-    ctx = setup(args.prompts, args.generations, args.completion_length)
+    ctx = setup(args.prompts, args.generations, args.completion_length, family_name=args.family)
+    if args.family.startswith("qwen3_5"):
+        args.skip_packed = True
     P = ctx["unique"]["input_ids"].shape[1]
     n_image = int((ctx["unique"]["input_ids"] == ctx["encoder"].image_token_id).sum(1)[0])
-    print(f"small Qwen2-VL, {sum(p.numel() for p in ctx['model'].parameters()) / 1e6:.1f}M parameters; "
+    print(f"small {args.family}, {sum(p.numel() for p in ctx['model'].parameters()) / 1e6:.1f}M parameters; "
           f"B={args.prompts} prompts (padded P={P}, {n_image} image tokens each), G={args.generations}, "
           f"C={args.completion_length}; torch {torch.__version__}, {args.threads} threads")
 
