@@ -13,7 +13,7 @@ from vlmalign import SFTConfig, SFTTrainer
 from vlmalign.data.collate import SFTCollator
 from vlmalign.data.synthetic import make_dataset
 from vlmalign.eval.evaluate import evaluate
-from vlmalign.models.families import family_names
+from vlmalign.models.families import family_names, get_family
 from vlmalign.models.loading import load_processor
 
 
