@@ -6,7 +6,8 @@ In GRPO the G completions of a prompt share its image and text; DPO's chosen and
 costs P + G * C:
 
 1. prompt pass: the B unique prompts [B, P] with their vision tensors and a cache, WITH gradients. It gives
-   the KV cache of every layer and the final hidden state of the last prompt token (which predicts the first
+   the KV cache of every layer (for linear-attention layers, Qwen3.5's gated DeltaNet: the conv and recurrent
+   states at the prompt's end) and the final hidden state of the last prompt token (which predicts the first
    completion token);
 2. the cache is expanded to the N = B * G completions along the batch (`ExpandedPrefixCache`: an indexing,
    differentiable, so each completion's gradient flows back into the shared prompt keys/values, the prompt tokens
