@@ -8,11 +8,11 @@ and gradients (1e-5 relative), keep every image with its row, and attend within 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_shared_prefix import FAMILIES, _assert_grads_close, _loss_and_grads, _rows, built  # noqa: F401
-
-from dataclasses import replace
 
 from vlmalign.models import families as families_module
 
