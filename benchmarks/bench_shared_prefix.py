@@ -23,6 +23,13 @@ per prompt), B = 2 prompts of different lengths (left padding), G = 8 completion
 
 Run: `python benchmarks/bench_shared_prefix.py` (a few minutes on one CPU core). CPU float32, torch threads =
 `--threads` (default 1).
+
+Qwen3.5 (`--family qwen3_5 --repeats 3 --gen-repeats 1`, small: 4.0M parameters, 3 gated-DeltaNet + 1 full-attention
+layers, transformers' torch kernels; P = 290 with 256 image tokens, G = 8, C = 64; 2 shared cores under load 5-9,
+so noisy): the linear-attention states are shared like the keys/values, so the shared path keeps its gain.
+forward+backward plain 17.57 s wall / 9.80 s CPU, shared 3.47 s / 2.12 s (5.06x / 4.63x), peak memory 1016 -> 239
+MiB (4.25x); max |logp diff| 9.5e-7, gradient relative error 8.3e-7. Generation (greedy, same tokens): prefill 7.4x
+faster (peak memory 197 -> 27 MiB), 64 new tokens 2.7x.
 """
 
 from __future__ import annotations
