@@ -23,6 +23,13 @@ per prompt), B = 2 prompts of different lengths (left padding), G = 8 completion
 
 Run: `python benchmarks/bench_shared_prefix.py` (a few minutes on one CPU core). CPU float32, torch threads =
 `--threads` (default 1).
+
+Qwen3.5 (`--family qwen3_5 --repeats 3 --gen-repeats 1`, small: 4.0M parameters, 3 gated-DeltaNet + 1 full-attention
+layers, transformers' torch kernels; P = 290 with 256 image tokens, G = 8, C = 64; 2 shared cores under load 5-9,
+so noisy): the linear-attention states are shared like the keys/values, so the shared path keeps its gain.
+forward+backward plain 17.57 s wall / 9.80 s CPU, shared 3.47 s / 2.12 s (5.06x / 4.63x), peak memory 1016 -> 239
+MiB (4.25x); max |logp diff| 9.5e-7, gradient relative error 8.3e-7. Generation (greedy, same tokens): prefill 7.4x
+faster (peak memory 197 -> 27 MiB), 64 new tokens 2.7x.
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 # ---------------------------------------------------------------------------------------------------------- setup
 
 
-def setup(num_prompts: int, num_generations: int, completion_length: int, seed: int = 0) -> dict:
-    model, processor = build_tiny_model("qwen2_vl", "small", seed=seed)
+def setup(num_prompts: int, num_generations: int, completion_length: int, seed: int = 0,
+          family_name: str = "qwen2_vl") -> dict:
+    model, processor = build_tiny_model(family_name, "small", seed=seed)
     family = get_family(model)
     encoder = Encoder(processor, family, family.image_token_id(model))
     rng = np.random.default_rng(seed)
@@ -194,15 +202,20 @@ def main() -> None:
     parser.add_argument("--gen-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-packed", action="store_true")
+    parser.add_argument("--family", default="qwen2_vl", help="tiny-model family (`small` size); qwen3_5 / qwen3_5_moe "
+                        "share their linear-attention states too (the packed prototype is skipped for them: its 4-D "
+                        "block mask does not reach linear-attention layers)")
     args = parser.parse_args()
     if os.environ.get(MMAP_ENV) is None:                       # see the module docstring (memory method)
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, MMAP_ENV: "65536"})
     torch.set_num_threads(args.threads)
 
-    ctx = setup(args.prompts, args.generations, args.completion_length)
+    ctx = setup(args.prompts, args.generations, args.completion_length, family_name=args.family)
+    if args.family.startswith("qwen3_5"):
+        args.skip_packed = True
     P = ctx["unique"]["input_ids"].shape[1]
     n_image = int((ctx["unique"]["input_ids"] == ctx["encoder"].image_token_id).sum(1)[0])
-    print(f"small Qwen2-VL, {sum(p.numel() for p in ctx['model'].parameters()) / 1e6:.1f}M parameters; "
+    print(f"small {args.family}, {sum(p.numel() for p in ctx['model'].parameters()) / 1e6:.1f}M parameters; "
           f"B={args.prompts} prompts (padded P={P}, {n_image} image tokens each), G={args.generations}, "
           f"C={args.completion_length}; torch {torch.__version__}, {args.threads} threads")
 

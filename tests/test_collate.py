@@ -53,8 +53,11 @@ def test_labels_and_token_types_every_family(tiny_model_dir, family, side):
     # the official templates of Idefics3, SmolVLM and LLaVA put a space between the role and the answer, after the
     # generation prompt ("Assistant:", "ASSISTANT:"): that space is the first token the model generates
     sep = " " if family in ("idefics3", "smolvlm", "llava_clip", "llava_siglip") else ""
-    expected = [sep + "<answer>red</answer>" + eos,
-                sep + "<answer>green</answer>" + eos + sep + "<answer>1</answer>" + eos, sep + "circle" + eos]
+    # Qwen3.5's think template (the MoE family): the generation prompt opens "<think>\n", the final answer closes
+    # the empty block first; earlier turns render without it (docs/supervision.md)
+    last = "\n</think>\n\n" if family == "qwen3_5_moe" else sep
+    expected = [last + "<answer>red</answer>" + eos,
+                sep + "<answer>green</answer>" + eos + last + "<answer>1</answer>" + eos, last + "circle" + eos]
     for i, text in enumerate(expected):
         label_ids = batch["labels"][i][batch["labels"][i] != -100]
         assert tok.decode(label_ids) == text

@@ -8,9 +8,13 @@ and gradients (1e-5 relative), keep every image with its row, and attend within 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_shared_prefix import FAMILIES, _assert_grads_close, _loss_and_grads, _rows, built  # noqa: F401
+
+from vlmalign.models import families as families_module
 
 from vlmalign.models.families import get_family
 from vlmalign.models.forward import token_logps
@@ -100,3 +104,15 @@ def test_unpackable_family_is_refused_by_name(built, family):
     model, encoder = built(family)
     with pytest.raises(ValueError, match=f"family {family} "):
         pack_rows(model, _batch(encoder))
+
+
+def test_linear_attention_cannot_be_packed_with_torch_kernels(built, monkeypatch):
+    """Why Qwen3.5 is not packed: forced through the packed path anyway, transformers refuses it, since its torch
+    kernels of the linear-attention layers cannot keep the rows' conv / recurrent states apart (only
+    flash-linear-attention's honour `cu_seqlens`); the padded batch runs instead (`test_sft.py`)."""
+    model, encoder = built("qwen3_5")
+    family = get_family(model)
+    monkeypatch.setitem(families_module.FAMILIES, family.name, replace(family, packing=True))
+    packed = pack_rows(model, _batch(encoder))
+    with torch.no_grad(), pytest.raises(ValueError, match="can't keep packed sequences apart"):
+        _packed_logps(model, packed)

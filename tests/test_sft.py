@@ -13,7 +13,7 @@ from vlmalign import SFTConfig, SFTTrainer
 from vlmalign.data.collate import SFTCollator
 from vlmalign.data.synthetic import make_dataset
 from vlmalign.eval.evaluate import evaluate
-from vlmalign.models.families import family_names
+from vlmalign.models.families import family_names, get_family
 from vlmalign.models.loading import load_processor
 
 
@@ -213,10 +213,10 @@ def test_two_processes_match_one_with_text_only_batches(tiny_model_dir, tmp_path
     assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-6)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "qwen3_5"])
 def test_padding_free_loss_and_gradients_equal_padded(tiny_model_dir, tmp_path, family, caplog):
     """`padding_free=True`: the same loss, token accuracy and gradients as the padded batch (rows of different
-    lengths); Gemma3 cannot be packed and runs padded, saying so once."""
+    lengths); Gemma3 and Qwen3.5 (linear attention) cannot be packed and run padded, saying so once."""
     import logging
 
     model, processor = _load(tiny_model_dir(family))
@@ -241,4 +241,4 @@ def test_padding_free_loss_and_gradients_equal_padded(tiny_model_dir, tmp_path, 
     assert ((results[1][1] - results[0][1]).norm() / results[0][1].norm()).item() < 1e-5
     assert results[1][2] == results[0][2]
     logged = sum("running padded batches" in r.getMessage() for r in caplog.records)
-    assert logged == (1 if family == "gemma3" else 0)
+    assert logged == (0 if get_family(family).packing else 1)

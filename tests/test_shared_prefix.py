@@ -9,8 +9,10 @@ of different lengths (1 .. C tokens). Float32 tiny models, built once per module
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,13 @@ from vlmalign.rl.rollout import Rollout, SamplingConfig, generate
 
 FAMILIES = family_names()
 RTOL = 1e-4
+# Linear attention (Qwen3.5): the gradients of the decay path (A_log, dt_bias, in_proj_a and their LoRA adapters)
+# carry the float32 rounding of transformers' chunked gated delta rule (in-chunk cumulative decays of -20 per token
+# and more): the plain path against itself with 7 extra left-padding columns already moves them by up to 2e-2
+# relative; with the rule run in float64 the shared path equals the plain path to 2.3e-7 on every parameter
+# (measured on the tiny qwen3_5). They are held to 1e-3 here, every other parameter to the test's tolerance.
+DECAY_PATH = re.compile(r"linear_attn\.(A_log|dt_bias|in_proj_a)\b")
+DECAY_RTOL = 1e-3
 WIDTH = 6            # completion length C
 ENCODE = dict(padding_side="left", add_generation_prompt=True, with_labels=False)
 
@@ -59,7 +68,7 @@ def built():
     return get
 
 
-def _batches(encoder: Encoder, num_generations: int, seed: int = 0):
+def _batches(encoder: Encoder, num_generations: int, seed: int = 0, width: int = WIDTH):
     """Unique prompts [B, P], the plain path's batch [B*G, P + C], and completions [B*G, C] of lengths 1..C."""
     rows = _rows()
     unique = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], **ENCODE)
@@ -70,10 +79,10 @@ def _batches(encoder: Encoder, num_generations: int, seed: int = 0):
     tokenizer = encoder.processor.tokenizer
     special = set(encoder.vision_token_ids.tolist()) | set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
-    ids = vocab[torch.randint(0, len(vocab), (n, WIDTH), generator=gen)]
-    lengths = torch.randint(1, WIDTH + 1, (n,), generator=gen)
-    lengths[0], lengths[-1] = 1, WIDTH
-    mask = (torch.arange(WIDTH)[None] < lengths[:, None]).long()
+    ids = vocab[torch.randint(0, len(vocab), (n, width), generator=gen)]
+    lengths = torch.randint(1, width + 1, (n,), generator=gen)
+    lengths[0], lengths[-1] = 1, width
+    mask = (torch.arange(width)[None] < lengths[:, None]).long()
     ids = torch.where(mask.bool(), ids, tokenizer.pad_token_id)
     return unique, append_completions(repeated, ids, mask, encoder), ids, mask
 
@@ -95,7 +104,8 @@ def _assert_grads_close(plain: dict, shared: dict, family, rtol: float = RTOL) -
     for name, grad in plain.items():
         scale = max(grad.norm().item(), 1e-3 * total.item())
         err = (shared[name] - grad).norm().item() / scale
-        assert err <= rtol, f"{name}: gradient relative error {err:.2e}"
+        bound = max(rtol, DECAY_RTOL) if DECAY_PATH.search(name) else rtol
+        assert err <= bound, f"{name}: gradient relative error {err:.2e}"
         if grad.norm() > 1e-3 * total:
             worst = max(worst, err)
     vision = [g.norm().item() for n, g in shared.items() if family.is_vision_param(n)]
@@ -236,3 +246,16 @@ def test_single_token_completions_and_fallback_for_custom_checkpoint_function(bu
         model.gradient_checkpointing_disable()
     torch.testing.assert_close(logps, expected, rtol=RTOL, atol=1e-6)
     assert sum("custom function (" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_one_token_completion_pass_continues_the_linear_attention_states(built):
+    """C = 2: the completion pass runs a single token (the linear-attention layers' one-step path: the recurrent
+    rule from the prompt's state, the convolution over [prompt conv state, token]). Same log-probs and gradients as
+    the plain path."""
+    model, encoder = built("qwen3_5")
+    model.train()
+    unique, plain, ids, mask = _batches(encoder, 3, width=2)
+    loss_plain, grads_plain = _loss_and_grads(model, lambda: token_logps(model, plain, mask, keep_last=2)[0].sum())
+    loss, grads = _loss_and_grads(model, lambda: sp.shared_prefix_logps(model, unique, ids, mask, 3)[0].sum())
+    torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-6)
+    _assert_grads_close(grads_plain, grads, get_family(model))

@@ -21,13 +21,21 @@ from test_shared_prefix import FAMILIES, WIDTH, _assert_grads_close, _batches, _
 from vlmalign.losses.policy import policy_loss
 from vlmalign.models import shared_prefix as sp
 from vlmalign.models.families import get_family
-from vlmalign.models.forward import token_logps
+from vlmalign.models.forward import token_logps, unwrap_model
 
 RTOL = 1e-5
 # Gemma 4's vision tower normalises queries and keys (RMSNorm): the Q/K projection gradients are small differences,
 # and float32 rounding (the plain path runs G copies of each image, the shared path one) reaches 1.1e-5 relative
 # there; in float64 the same comparison gives <= 2.5e-7 on every parameter (measured), so it is rounding.
 GRAD_RTOL = {"gemma4": 2e-5}
+
+
+def _rtol(model) -> float:
+    """1e-5; 1e-4 for models with linear-attention layers (Qwen3.5), whose float32 chunked gated delta rule moves
+    the gradients near its decays by more than 1e-5 whenever the chunk boundaries move (see DECAY_PATH in
+    tests/test_shared_prefix.py, which also bounds the decay parameters themselves)."""
+    types = getattr(unwrap_model(model).config.get_text_config(), "layer_types", None) or ()
+    return 1e-4 if "linear_attention" in types else RTOL
 
 
 def _grpo(logps, entropy, mask, seed=1):
@@ -57,6 +65,7 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
     model, encoder = built(family)
     model.train()
     G = 3
+    rtol = _rtol(model)
     unique, plain, ids, mask = _batches(encoder, G)
     first = token_logps(model, plain, mask, keep_last=WIDTH)[0].detach()
 
@@ -66,7 +75,7 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
 
     def shared_grpo():
         logps, entropy = sp.shared_prefix_logps(model, unique, ids, mask, G, with_entropy=True)
-        torch.testing.assert_close(logps.detach(), first, rtol=RTOL, atol=1e-6)
+        torch.testing.assert_close(logps.detach(), first, rtol=rtol, atol=1e-6)
         return _grpo(logps, entropy, mask)
 
     loss_plain, grads_plain = _loss_and_grads(model, plain_grpo)
@@ -74,8 +83,8 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
     for reentrant in (False, True):
         with _checkpointing(model, reentrant), caplog.at_level(logging.INFO, logger=sp.__name__):
             loss, grads = _loss_and_grads(model, shared_grpo)
-        torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-7)
-        _assert_grads_close(grads_plain, grads, get_family(model), rtol=GRAD_RTOL.get(family, RTOL))
+        torch.testing.assert_close(loss, loss_plain, rtol=rtol, atol=1e-7)
+        _assert_grads_close(grads_plain, grads, get_family(model), rtol=max(rtol, GRAD_RTOL.get(family, RTOL)))
         assert not any("_can_checkpoint_with_cache" in m.__dict__ for m in model.modules()), "setting not restored"
     assert not any("unavailable" in r.getMessage() for r in caplog.records), "fell back to the plain path"
 
@@ -90,8 +99,8 @@ def test_grpo_and_dpo_under_gradient_checkpointing_match_plain_path(built, famil
     loss_plain, grads_plain = _loss_and_grads(model, lambda: dpo(token_logps(model, plain, mask, keep_last=WIDTH)[0]))
     with _checkpointing(model, False):
         loss, grads = _loss_and_grads(model, lambda: dpo(sp.shared_prefix_logps(model, unique, ids, mask, 2)[0]))
-    torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-7)
-    _assert_grads_close(grads_plain, grads, get_family(model), rtol=GRAD_RTOL.get(family, RTOL))
+    torch.testing.assert_close(loss, loss_plain, rtol=rtol, atol=1e-7)
+    _assert_grads_close(grads_plain, grads, get_family(model), rtol=max(rtol, GRAD_RTOL.get(family, RTOL)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -126,8 +135,8 @@ def test_lora_under_gradient_checkpointing_matches_plain_path(built, family):
     with _checkpointing(base, False):
         loss, grads = _loss_and_grads(model, shared_grpo)
     assert grads.keys() == grads_plain.keys() and all("lora_" in name for name in grads)
-    torch.testing.assert_close(loss, loss_plain, rtol=RTOL, atol=1e-7)
-    _assert_grads_close(grads_plain, grads, fam, rtol=RTOL)
+    torch.testing.assert_close(loss, loss_plain, rtol=_rtol(base), atol=1e-7)
+    _assert_grads_close(grads_plain, grads, fam, rtol=_rtol(base))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -29,7 +29,8 @@ from vlmalign.models.tiny import TEMPLATES
 # the JSON-decoded string of transformers' test, see chat_templates/SOURCES.md).
 TEMPLATE_SHA = {"qwen2_5_vl": "a0bc6f6fc7a2", "qwen3_vl": "3636d0f0bd6b", "idefics3": "0d7e56ca4170",
                 "smolvlm": "830005085ddd", "gemma3": "7de1c58e208e", "llava_1_5": "50c43d0ac06b",
-                "gemma4": "87294f1fa94c", "llava_onevision": "fbf77862dcdd", "internvl": "b3e3fa7cdece"}
+                "gemma4": "87294f1fa94c", "llava_onevision": "fbf77862dcdd", "internvl": "b3e3fa7cdece",
+                "qwen3_5_nothink": "273d8e0e683b", "qwen3_5_think": "a4aee8afcf2e"}
 
 # family -> (generation prompt the template renders, separator it puts between role and answer, end-of-turn token)
 RENDERED = {
@@ -45,6 +46,12 @@ RENDERED = {
     "gemma4": ("<|turn>model\n", "", "<turn|>"),  # the generation prompt's empty thought channel is not rendered
     "llava_onevision": ("<|im_start|>assistant \n", "", "<|im_end|>"),  # "assistant \n" in the conversation
     "internvl": ("<|im_start|>assistant\n", "", "<|im_end|>"),
+    # Qwen3.5 (tuples: alternatives). The last assistant turn follows the generation prompt's reasoning block
+    # (nothink: an empty "<think>\n\n</think>\n\n" in the prompt; think: the prompt opens "<think>\n" and the answer
+    # closes it); earlier turns render without any (the template drops it before the last user message).
+    "qwen3_5": (("<|im_start|>assistant\n<think>\n\n</think>\n\n", "<|im_start|>assistant\n"), "", "<|im_end|>"),
+    "qwen3_5_moe": (("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n"), ("", "\n</think>\n\n"),
+                    "<|im_end|>"),
 }
 
 
@@ -91,7 +98,7 @@ def _check_spans(encoder, family, batch, row, answers):
     spans.append(current)
     assert len(spans) == len(answers)
     for span, answer in zip(spans, answers):
-        assert tok.decode(ids[span]) == sep + answer + eot
+        assert tok.decode(ids[span]) in {s + answer + eot for s in ((sep,) if isinstance(sep, str) else sep)}
         before = tok.decode(ids[:span[0]][batch["attention_mask"][row][:span[0]].bool()])
         assert before.endswith(gen), before[-40:]
 

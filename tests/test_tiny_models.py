@@ -45,6 +45,9 @@ EXPECTED = {
                         "LlavaOnevisionImageProcessorPil", 10),
     # InternVL: one 28 px tile (no thumbnail for a single tile), 4 x 4 patches pixel-shuffled to 2 x 2
     "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor", "GotOcr2ImageProcessorPil", 4),
+    # Qwen3.5: the Qwen3-VL processor (16 px patches merged 2 x 2, min 64 x 64 px) -> 2 x 2
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor", "Qwen2VLImageProcessorPil", 4),
 }
 
 # Image tokens of the two-image row where it is not twice one image's: OneVision encodes an image of a multi-image
@@ -66,6 +69,8 @@ TOKENIZER_FACTS = {
     "gemma4": (True, "left", "<eos>", "<pad>", "gemma4"),
     "llava_onevision": (False, "right", "<|im_end|>", "<|endoftext|>", "llava_onevision"),
     "internvl": (False, "left", "<|im_end|>", "<|endoftext|>", "internvl"),
+    "qwen3_5": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_5_nothink"),
+    "qwen3_5_moe": (False, "right", "<|im_end|>", "<|endoftext|>", "qwen3_5_think"),
 }
 
 # Processor settings that must survive save -> load_processor (they fix the number of placeholder tokens).
@@ -73,6 +78,12 @@ PROCESSOR_SETTINGS = ("image_seq_len", "image_seq_length", "patch_size", "vision
                       "num_additional_image_tokens")
 
 ANSWERS = ["red", "<think>the shape is blue .</think><answer>blue</answer>"]
+# What the Qwen3.5 templates supervise of each answer (read off the templates): the reasoning goes into the block
+# the generation prompt opens ("<think>\n" in think, an empty "<think>\n\n</think>\n\n" in nothink), so the labels
+# start where the conversation leaves the prompt; the think template's answer closes the block itself.
+_REASONING = "the shape is blue .\n</think>\n\n<answer>blue</answer>"
+SUPERVISED = {"qwen3_5": {"red": "red", ANSWERS[1]: _REASONING},
+              "qwen3_5_moe": {"red": "</think>\n\nred", ANSWERS[1]: _REASONING}}
 
 
 def _image(color: str) -> Image.Image:
@@ -172,7 +183,9 @@ def test_tokenizer_words_and_tags(tiny):
     tok = tiny.tokenizer
     for word in TASK_WORDS:
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word
-        assert len(tok.encode(" " + word, add_special_tokens=False)) == 1, word
+        # Qwen3.5's pre-tokenizer (put back by transformers' Qwen3_5Tokenizer on load) splits a space off a digit
+        split_digit = tiny.name.startswith("qwen3_5") and word.isdigit()
+        assert len(tok.encode(" " + word, add_special_tokens=False)) == (2 if split_digit else 1), word
     for tag in ANSWER_TAGS:
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
     text = "<think>the shape is red .</think><answer>red</answer>"
@@ -222,6 +235,9 @@ def test_chat_batch_forward(tiny, side):
         assert tok.decode(labels[labels != -100]).strip() == answer + fam.eos_token
         expected = TWO_IMAGES.get(tiny.name, 2 * per_image) if row else per_image
         assert int((ids[row] == image_id).sum()) == expected
+        expected = SUPERVISED.get(tiny.name, {}).get(answer, answer)
+        assert tok.decode(labels[labels != -100]).strip() == expected + fam.eos_token
+        assert int((ids[row] == image_id).sum()) == (row + 1) * per_image
         if tok.bos_token_id is not None and tok.bos_token != "<|im_start|>":  # BOS exactly once
             assert int((ids[row] == tok.bos_token_id).sum()) == 1
     if fam.token_type_key is not None:

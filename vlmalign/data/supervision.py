@@ -19,10 +19,11 @@ What this handles, template by template (see docs/supervision.md):
   LLaVA templates render nothing for plain-string content), and the answer's text must appear among its
   supervised tokens, otherwise the row is refused;
 * a generation prompt that is not a token prefix of the conversation (LLaVA-OneVision renders ``assistant \\n``
-  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped;
-* a generation prompt that opens an empty reasoning block the conversation does not render (Gemma 4 with thinking
-  off ends its prompt with ``<|channel>thought\n<channel|>``, a past answer renders without it): the block is
-  skipped, the answer starts where the two differ;
+  in one and ``assistant\\n`` in the other): the differing tail must be whitespace, which is skipped, or part of a
+  reasoning block (Qwen3.5's prompt ends with ``<think>`` or an empty ``<think></think>``, which the template drops
+  from assistant turns before the last user message and which an answer's own ``<think>...</think>`` fills): the
+  turn is then supervised from where the conversation leaves the prompt; likewise Gemma 4's empty thought channel
+  (with thinking off its prompt ends with ``<|channel>thought\n<channel|>``, a past answer renders without it);
 * BOS rendered by the template *and* added by the tokenizer (Gemma 3, Idefics3): special tokens are not added when
   the rendered text already starts with BOS (never two BOS);
 * templates that render no end-of-turn token after an answer (LLaVA-1.5 never renders ``</s>``): the family's
@@ -40,10 +41,6 @@ from dataclasses import dataclass, field
 import torch
 
 
-# Empty reasoning blocks a generation prompt may open that the rendered conversation leaves out (Gemma 4).
-EMPTY_REASONING = re.compile(r"\s*(<\|channel>thought\s*<channel\|>|<think>\s*</think>)\s*")
-
-
 class SupervisionError(ValueError):
     """The chat template does not let an assistant turn be supervised (the message says why)."""
 
@@ -54,6 +51,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+# The reasoning block a template's generation prompt opens (Qwen3.5: the prompt ends "<think>\n" or with an empty
+# "<think>\n\n</think>\n\n"), where the conversation differs from the prompt: turns before the last user message
+# render without it, and an answer that carries its own "<think>...</think>" fills it. Skipped like whitespace: the
+# turn is supervised from where the conversation leaves the prompt, as the template renders it. Gemma 4's prompt
+# with thinking off ends with an empty thought channel that past answers render without.
+_REASONING_TAIL = re.compile(r"<think>(</think>)?|</think>|<\|channel>thought<channel\|>")
+_REASONING_TAGS = re.compile(r"</?think>")
 
 
 def _squash(text: str) -> str:
@@ -176,7 +182,7 @@ class Supervisor:
             start = _common_prefix(prompt, ids)
             if start < len(prompt):
                 tail = decode(prompt[start:])
-                if tail.strip() and not EMPTY_REASONING.fullmatch(tail):
+                if tail.strip() and not _REASONING_TAIL.fullmatch(_squash(tail)):
                     raise _error(i, t, f"the chat template's generation prompt ends with {tail!r}, which the rendered "
                                        "conversation does not contain at that place")
                 while start < len(ids) and not decode(ids[start:start + 1]).strip() and ids[start] != self.end_of_turn_id:
@@ -187,7 +193,9 @@ class Supervisor:
                 raise _error(i, t, f"the chat template rendered no end-of-turn token {self.end_of_turn!r} after the "
                                    "answer") from None
             answer = "".join(b.get("text") or "" for b in conversations[i][t]["content"] if b.get("type") == "text")
-            if end == start or _squash(answer) not in _squash(decode(ids[start:end])):
+            # the reasoning tags may sit in the prompt or be re-spaced by the template (Qwen3.5): compared without
+            if end == start or _REASONING_TAGS.sub("", _squash(answer)) not in _REASONING_TAGS.sub(
+                    "", _squash(decode(ids[start:end]))):
                 raise _error(i, t, "the chat template rendered no assistant tokens for this answer (its text does not "
                                    "appear after the generation prompt)")
             out[i].append((int(positions[start]), int(positions[end]) + 1))

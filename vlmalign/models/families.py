@@ -40,6 +40,7 @@ class Family:
     # model's attention is more than causal (Gemma3: bidirectional inside an image; transformers 5.24 builds that
     # overlay wrongly for packed rows in its sliding layers): such models run the padded batch instead.
     packing: bool = True
+    packing_refusal: str = "attends beyond causal inside a row"   # why, when `packing` is False
     notes: str = ""
     # Regex that must match any LoRA target module name that belongs to the language model.
     language_model_pattern: str = r"(^|\.)language_model\."
@@ -181,6 +182,17 @@ register(Family(
     vision_module_patterns=(r"(^|\.)vision_tower\.",), projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="<|im_end|>", vision_batch_layout="per_tile",
 ))
+
+# Qwen3.5 (natively multimodal; dense and mixture of experts): the Qwen3-VL layout without DeepStack mergers, hybrid
+# text layers (gated-DeltaNet linear attention + full attention). The linear-attention layers' conv and recurrent
+# states ride in the cache beside the full-attention keys/values; `vlmalign.models.prefix_cache` shares them across
+# a group like the keys/values. Packing is off: transformers' torch kernels of the causal conv1d and of the chunked
+# gated delta rule cannot keep packed rows apart (the states would run on from one row into the next), and
+# transformers refuses row boundaries (`cu_seq_lens_q`) for them without flash-linear-attention.
+register(replace(FAMILIES["qwen2_vl"], name="qwen3_5", model_types=("qwen3_5",), packing=False,
+                 packing_refusal="has linear-attention layers whose conv / recurrent states transformers' torch "
+                                 "kernels cannot keep apart across packed rows"))
+register(replace(FAMILIES["qwen3_5"], name="qwen3_5_moe", model_types=("qwen3_5_moe",)))
 
 
 def family_names() -> list[str]:

@@ -16,7 +16,8 @@ tensors; either padding side) and returns its packed form:
 Attention stays inside each row: `packed_attention(model)` switches the language model to the attention function
 registered here, which runs SDPA row by row on the [1, L] tensors (causal inside the row; no L x L mask is built,
 so the attention costs sum(len_i^2) like a padded batch without its padding). Families whose attention inside a row
-is more than causal (Gemma3's bidirectional image blocks; `Family.packing` False) are not packed:
+is more than causal (Gemma3's bidirectional image blocks) or that carry a recurrent state along the sequence
+(Qwen3.5's linear-attention layers) are not packed (`Family.packing` False, `Family.packing_refusal` says why):
 `packing_unsupported` says why, and the callers run the padded batch.
 
 Log-probs of the packed batch equal the padded batch's (tests/test_packing.py): a row's first token is never scored
@@ -66,7 +67,7 @@ def packing_unsupported(model: nn.Module) -> str | None:
     """Why the rows of a batch cannot be packed for this model (None when they can)."""
     family = get_family(unwrap_model(model))
     if not family.packing:
-        return f"family {family.name} attends beyond causal inside a row (not packed)"
+        return f"family {family.name} {family.packing_refusal} (not packed)"
     return None
 
 

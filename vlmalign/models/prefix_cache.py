@@ -13,6 +13,13 @@ repeatable instead:
   select inside the layer: replayed, it costs B x P keys per layer in memory instead of N x P), and returns
   [prompt rows, new keys] exactly as a `DynamicCache` holding the expanded prompt would, without storing anything.
 
+Linear-attention layers (Qwen3.5's gated DeltaNet) carry no keys/values but two states: the last
+`conv_kernel_size` inputs of their causal convolution and the recurrent state at the end of the prompt. The two
+caches treat them like keys/values: `PromptCache` hands every prompt layer an empty state (so a replay recomputes the
+same one) and keeps the first forward's states, as differentiable tensors (no in-place copy into a buffer);
+`ExpandedPrefixCache` gives the completion layers those states at rows `index` (the convolution's left context
+concatenated in front of the completion inputs, the recurrent state as the initial state) and stores nothing.
+
 `cache_through_checkpoints` lets checkpointed layers keep these caches (transformers' `_can_checkpoint_with_cache`
 switch, meant for layers whose cache use can be replayed) and makes them checkpoint non-reentrantly for the duration
 of the call: a reentrant checkpoint passes gradients only to the tensors given as arguments, and the completion
@@ -41,6 +48,28 @@ class PromptCache(DynamicCache):
         super().__init__(config=config)
         self._empty = [copy.copy(layer) for layer in self.layers]
         self._stored: set[int] = set()
+        self.conv_states: dict[int, torch.Tensor] = {}       # linear-attention layers: [B, channels, kernel]
+        self.recurrent_states: dict[int, torch.Tensor] = {}  # [B, heads, key dim, value dim]
+
+    # Linear-attention states: every prompt layer starts from none (replays too); the first forward's are kept.
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return None
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        if layer_idx not in self.conv_states:
+            kernel = conv_kernel_size or conv_states.shape[-1]
+            tail = conv_states[..., -kernel:]
+            self.conv_states[layer_idx] = torch.nn.functional.pad(tail, (kernel - tail.shape[-1], 0))
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        self.recurrent_states.setdefault(layer_idx, recurrent_states)
+        return recurrent_states
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:            # a config without layer types: plain layers, made lazily
@@ -61,6 +90,31 @@ class ExpandedPrefixCache(DynamicCache):
         self.layers = list(prompt_cache.layers)          # a snapshot: replays of the prompt pass cannot change it
         self.layer_class_to_replicate = None
         self.index = index
+        self.conv_states = dict(prompt_cache.conv_states)
+        self.recurrent_states = dict(prompt_cache.recurrent_states)
+
+    def _rows(self, state: torch.Tensor | None) -> torch.Tensor | None:
+        return None if state is None else state.index_select(0, self.index.to(state.device))
+
+    # Linear-attention states of the prompt at rows `index`; nothing is stored.
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return self._rows(self.conv_states.get(layer_idx))
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return self._rows(self.recurrent_states.get(layer_idx))
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs) -> torch.Tensor:
+        prompt = self.get_conv_state(layer_idx)
+        return conv_states if prompt is None else torch.cat([prompt.to(conv_states.dtype), conv_states], dim=-1)
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        return recurrent_states
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        # makes a one-token completion pass take the convolution over [prompt state, input] (as longer ones do)
+        # rather than the in-place single-step update of the prompt's state
+        return True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layer = copy.copy(self.layers[layer_idx])

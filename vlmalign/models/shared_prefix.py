@@ -6,7 +6,8 @@ In GRPO the G completions of a prompt share its image and text; DPO's chosen and
 costs P + G * C:
 
 1. prompt pass: the B unique prompts [B, P] with their vision tensors and a cache, WITH gradients. It gives
-   the KV cache of every layer and the final hidden state of the last prompt token (which predicts the first
+   the KV cache of every layer (for linear-attention layers, Qwen3.5's gated DeltaNet: the conv and recurrent
+   states at the prompt's end) and the final hidden state of the last prompt token (which predicts the first
    completion token);
 2. the cache is expanded to the N = B * G completions along the batch (`ExpandedPrefixCache`: an indexing,
    differentiable, so each completion's gradient flows back into the shared prompt keys/values, the prompt tokens
@@ -45,6 +46,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
@@ -286,7 +288,11 @@ def prefill_shared_cache(model: nn.Module, prompt_batch: dict, index: torch.Tens
     inputs["position_ids"] = positions[..., :-1]
     out = base(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_select_indices(index)
+    for layer in cache.layers:
+        if hasattr(layer, "batch_select_indices"):
+            layer.batch_select_indices(index)                       # keys / values
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            LinearAttentionCacheLayerMixin.reorder_cache(layer, index)  # conv / recurrent states (Qwen3.5)
     return {
         "input_ids": ids[index],
         "attention_mask": mask[index],

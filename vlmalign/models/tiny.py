@@ -163,6 +163,63 @@ def _qwen3(size: str, words, *, moe: bool) -> Built:
                        (min_pixels, max_pixels), ([0.5] * 3, [0.5] * 3))
 
 
+def _qwen3_5_pretokenizer(tok) -> None:
+    """The Qwen3.5 tokenizer's own normaliser (NFC) and pre-tokenizer (its split regex: each digit alone, a space
+    before a digit a token of its own), which transformers' `Qwen3_5Tokenizer` puts back on any saved vocabulary
+    when it loads a qwen3_5 model's tokenizer; set here too, so the in-memory and the saved tokenizer agree."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+    backend = tok.backend_tokenizer
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _qwen3_5(size: str, words, *, moe: bool) -> Built:
+    # Qwen/Qwen3.5-0.8B / -2B (dense) and Qwen/Qwen3.5-35B-A3B (mixture of experts): natively multimodal, the
+    # Qwen3-VL tokenizer layout and processor (no BOS, eos <|im_end|>, pad <|endoftext|>, padding side right; 16 px
+    # patches merged 2 x 2, temporal patch 2, mean/std 0.5), no DeepStack. Chat template: the official Qwen3.5 one,
+    # "nothink" as the <= 2B checkpoints ship it (generation prompt ends with an empty <think></think> block) for the
+    # dense family, "think" as the >= 4B checkpoints (the MoE ones) ship it (generation prompt ends with <think>).
+    # Hybrid text layers: three gated-DeltaNet (linear attention) layers then one full-attention layer, the real
+    # `full_attention_interval` 4; gated attention output, rotary on a quarter of each head (partial_rotary_factor
+    # 0.25), interleaved 3-D rotary positions. Scaled: 4 layers, 64-128 px (4-16 image tokens) in `tiny`, 512 x 512
+    # px (256 tokens) in `small`; MoE: 4 experts, 2 per token, plus the shared expert.
+    tok = _qwen_tokenizer(words, "qwen3_5_think" if moe else "qwen3_5_nothink", "right")
+    _qwen3_5_pretokenizer(tok)
+    ids = tok.convert_tokens_to_ids
+    hidden, inter = (64, 256) if size == "tiny" else (256, 688)
+    head_dim = 32 if size == "tiny" else 64
+    text_config = dict(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4, num_key_value_heads=2,
+        head_dim=head_dim, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=head_dim // 2,
+        linear_value_head_dim=head_dim // 2, linear_conv_kernel_dim=4, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        # rotary on head_dim / 4 dims = head_dim / 8 frequency pairs, split 2:1:1 over (t, h, w) as [11, 11, 10] of 32
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1] if size == "tiny" else [4, 2, 2], "mrope_interleaved": True},
+        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    if moe:
+        del text_config["intermediate_size"]
+        text_config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=inter // 2,
+                           shared_expert_intermediate_size=inter // 2, router_aux_loss_coef=0.001)
+    if size == "tiny":
+        vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, num_position_embeddings=64)
+        min_pixels, max_pixels = 64 * 64, 128 * 128
+    else:
+        vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, num_position_embeddings=1024)
+        min_pixels = max_pixels = 512 * 512
+    vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden,
+                         hidden_act="gelu_pytorch_tanh")
+    config_cls = transformers.Qwen3_5MoeConfig if moe else transformers.Qwen3_5Config
+    return _qwen_built(tok, config_cls, transformers.Qwen3VLProcessor, text_config, vision_config, 16,
+                       (min_pixels, max_pixels), ([0.5] * 3, [0.5] * 3))
+
+
 # ------------------------------------------------------------------------------------------- shared text settings
 
 # tiny: ~0.12M text parameters besides the embeddings (0.2-0.3M in all with the vision tower); small: hidden 256,
@@ -349,6 +406,8 @@ BUILDERS: dict[str, Callable[[str, list[str]], Built]] = {
     "gemma4": lambda size, words: _extra("gemma4")(size, words),
     "llava_onevision": lambda size, words: _extra("llava_onevision")(size, words),
     "internvl": lambda size, words: _extra("internvl")(size, words),
+    "qwen3_5": lambda size, words: _qwen3_5(size, words, moe=False),
+    "qwen3_5_moe": lambda size, words: _qwen3_5(size, words, moe=True),
 }
 
 
