@@ -40,6 +40,7 @@ from ..models.quantization import check_quantized_loading
 from . import checkpoint as ckpt
 from . import run_dir as runs
 from .config_check import check_field_types
+from .router_loss import RouterAuxLoss
 from .guards import POLICIES, NonFiniteError, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ class VLMTrainer(MetricsMixin, Trainer):
         # otherwise two runs of one config in a process start from different adapters.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model, self.family = prepare_model(model, args, peft_config)
+        self.router_aux = RouterAuxLoss(model, getattr(args, "router_aux_loss_coef", None))  # MoE: router_loss.py
         if processing_class is None:
             if not model_path:
                 raise ValueError("processing_class is required when the model was not loaded from a path")
