@@ -74,8 +74,9 @@ def model_router_loss_off(model: nn.Module):
         text.output_router_logits = True
 
 
-def router_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules whose first output (`index`) transformers records as `router_logits`, in layer order."""
+def router_modules(model: nn.Module) -> list[tuple[nn.Module, int]]:
+    """(module, output index) of the modules whose output transformers records as `router_logits`, in layer
+    order."""
     targets = []
     for module in model.modules():
         recorder = (getattr(module, "_can_record_outputs", None) or {}).get("router_logits")
@@ -83,9 +84,9 @@ def router_modules(model: nn.Module) -> list[nn.Module]:
             targets.append((recorder.target_class, getattr(recorder, "index", 0) or 0))
     found = []
     for module in model.modules():
-        for cls, index in targets:
-            if isinstance(module, cls) and module not in [m for m, _ in found]:
-                found.append((module, index))
+        match = next((index for cls, index in targets if isinstance(module, cls)), None)
+        if match is not None:
+            found.append((module, match))
     return found
 
 
