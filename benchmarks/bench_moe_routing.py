@@ -43,7 +43,7 @@ from vlmalign.data.synthetic import make_dataset
 from vlmalign.eval.evaluate import evaluate
 from vlmalign.losses.policy import policy_loss
 from vlmalign.models.families import get_family
-from vlmalign.models.loading import load_model, load_processor
+from vlmalign.models.loading import load_processor
 from vlmalign.models.shared_prefix import plain_batch
 from vlmalign.models.tiny import make_tiny_model
 from vlmalign.rl.advantages import group_advantages
@@ -169,7 +169,6 @@ def main(argv=None):
     started = time.time()
     with tempfile.TemporaryDirectory() as work:
         model, processor, accuracy = sft_start(args.size, args.sft_steps, args.seed, work)
-    model = load_model(model) if isinstance(model, str) else model
     model.eval()
     family = get_family(model)
     encoder = Encoder(processor, family, family.image_token_id(model))
@@ -179,7 +178,8 @@ def main(argv=None):
     rollout = generate(model, encoder, rows, num_generations=args.generations, sampling=sampling,
                        generator_seed=args.seed)
     solutions = [r["solution"] for r in data for _ in range(args.generations)]
-    rewards = torch.tensor([float(x) for x in accuracy_reward(completions=rollout.texts, solution=solutions)])
+    scores = accuracy_reward(completions=rollout.texts, solution=solutions)
+    rewards = torch.tensor([float(x or 0.0) for x in scores])
     advantages, _ = group_advantages(rewards, args.generations)
     batch = plain_batch(rollout.unique_prompt_inputs, rollout.completion_ids, rollout.completion_mask,
                         rollout.group_index, family, encoder.image_token_id)
