@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..losses.logprobs import token_logprobs_from_hidden
+from .moe import model_router_loss_off, route_weights
 
 
 def strip_engine_wrappers(model: nn.Module) -> nn.Module:
@@ -85,7 +86,8 @@ def _model_inputs(batch: dict) -> dict:
 def hidden_states(model: nn.Module, batch: dict, *, keep_last: int = 0):
     """Final hidden states [B, T, H] (or the last `keep_last` positions) and the LM head module (the model's
     soft-capping, if any, is left to the caller: `_softcap(model)`)."""
-    with lm_head_bypassed(model) as head:
+    mask = batch.get("attention_mask")  # router rows of an MoE aux-loss capture: the real tokens (packed: all)
+    with lm_head_bypassed(model) as head, model_router_loss_off(model), route_weights(mask):
         out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=keep_last)
     return out.logits, head
 

@@ -50,6 +50,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
+from .moe import model_router_loss_off, route_weights
 from .forward import _softcap, lm_head_bypassed, projection_head, rope_index_fn, token_logps, unwrap_model
 from .prefix_cache import ExpandedPrefixCache, PromptCache, cache_through_checkpoints, custom_checkpoint_function
 
@@ -242,9 +243,12 @@ def shared_prefix_logps(
     if family.mrope:
         prompt_inputs["position_ids"], completion_inputs["position_ids"] = mrope_positions(
             model, family, prompt_batch, completion_mask[:, :-1], index)
-    with lm_head_bypassed(model) as head, cache_through_checkpoints(base):
+    # MoE aux-loss capture (models/moe.py): a prompt row counts once per completion that shares it
+    shares = torch.bincount(index, minlength=rows).to(prompt_batch["attention_mask"].dtype)
+    with lm_head_bypassed(model) as head, cache_through_checkpoints(base), model_router_loss_off(model):
         prompt_cache = PromptCache(base.config)
-        out = model(**prompt_inputs, past_key_values=prompt_cache, use_cache=False, logits_to_keep=1)
+        with route_weights(prompt_batch["attention_mask"] * shares[:, None]):
+            out = model(**prompt_inputs, past_key_values=prompt_cache, use_cache=False, logits_to_keep=1)
         hidden = out.logits[index]                                   # [N, 1, H] last prompt token: predicts token 0
         if width > 1:
             if prompt_cache.get_seq_length() != length:
@@ -252,8 +256,9 @@ def shared_prefix_logps(
             cache = ExpandedPrefixCache(prompt_cache, index)         # [B, ...] read as [N, ...], differentiable
             mask = prompt_batch["attention_mask"]
             attention_mask = torch.cat([mask[index], completion_mask[:, :-1].to(mask.dtype)], dim=1)  # [N, P + C - 1]
-            rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, past_key_values=cache,
-                         use_cache=False, **completion_inputs).logits  # [N, C - 1, H]
+            with route_weights(completion_mask[:, :-1]):
+                rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=False, **completion_inputs).logits  # [N, C - 1, H]
             hidden = torch.cat([hidden, rest], dim=1)                # [N, C, H]: position j predicts token j
     scored = completion_mask.bool()
     projection, bias = projection_head(head)
@@ -286,7 +291,8 @@ def prefill_shared_cache(model: nn.Module, prompt_batch: dict, index: torch.Tens
     inputs = {k: (v[:, :-1] if torch.is_tensor(v) and v.dim() == 2 and v.shape == ids.shape else v)
               for k, v in prompt_batch.items() if k != "labels"}
     inputs["position_ids"] = positions[..., :-1]
-    out = base(**inputs, use_cache=True, logits_to_keep=1)
+    with model_router_loss_off(base):
+        out = base(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     for layer in cache.layers:
         if hasattr(layer, "batch_select_indices"):

@@ -154,8 +154,11 @@ def _qwen3(size: str, words, *, moe: bool) -> Built:
         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
     )
     if moe:
+        # Router settings as the released Qwen3 MoE configs (Qwen3-30B-A3B: router_aux_loss_coef 0.001,
+        # output_router_logits false, so no load-balancing loss unless a run turns it on; models/moe.py).
         text_config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text["intermediate_size"] // 2,
-                           decoder_sparse_step=1, router_aux_loss_coef=0.001, mlp_only_layers=[])
+                           decoder_sparse_step=1, router_aux_loss_coef=0.001, output_router_logits=False,
+                           mlp_only_layers=[])
     vision_config = dict(vision, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                          out_hidden_size=text["hidden_size"], hidden_act="gelu_pytorch_tanh")
     config_cls = transformers.Qwen3VLMoeConfig if moe else transformers.Qwen3VLConfig

@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 
 from ..data.collate import Encoder
 from ..models.forward import unwrap_model
+from ..models.moe import model_router_loss_off
 from ..models.shared_prefix import prefill_shared_cache, select_prompt_rows, shared_prefix_unsupported
 from .rewards import compute_rewards
 
@@ -149,7 +150,8 @@ def generate(
             inputs = repeated = encode(rows)
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        out = base.generate(**inputs, generation_config=config)
+        with model_router_loss_off(base):  # its aux loss would fail on the cached prompt's mask
+            out = base.generate(**inputs, generation_config=config)
     finally:
         base.train(was_training)
     if not share:

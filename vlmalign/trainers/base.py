@@ -30,6 +30,7 @@ from ..models.forward import unwrap_model
 from ..models.loading import load_processor
 from . import run_dir as runs
 from .config_check import check_field_types
+from .router_loss import RouterAuxLoss
 from .guards import POLICIES, GuardMixin, NonFiniteGuard
 from .metrics import MetricsMixin
 from .saving import SavingMixin, VLMALIGN_STATE_NAME  # noqa: F401 (VLMALIGN_STATE_NAME: re-exported)
@@ -121,6 +122,7 @@ class VLMTrainer(GuardMixin, SavingMixin, MetricsMixin, Trainer):
         # otherwise two runs of one config in a process start from different adapters.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         model, self.family = prepare_model(model, args, peft_config)
+        self.router_aux = RouterAuxLoss(model, getattr(args, "router_aux_loss_coef", None))  # MoE: router_loss.py
         if processing_class is None:
             if not model_path:
                 raise ValueError("processing_class is required when the model was not loaded from a path")

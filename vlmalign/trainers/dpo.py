@@ -195,7 +195,8 @@ class DPOTrainer(VLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         precomputed = [inputs.pop(k, None) for k in _REF_KEYS]
-        logps, lengths = batch_sequence_logps(model, inputs)                 # [2B] each
+        with self.router_aux.policy_pass(model) as routers:                 # MoE load balancing (policy only)
+            logps, lengths = batch_sequence_logps(model, inputs)             # [2B] each
         if precomputed[0] is not None:
             ref_chosen, ref_rejected = (t.to(logps) for t in precomputed)
         else:
@@ -215,6 +216,7 @@ class DPOTrainer(VLMTrainer):
             discopop_tau=self.args.discopop_tau,
             chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         )
+        loss = self.router_aux.add(self, loss, routers)  # the Trainer divides the loss by the accumulation steps
         metrics = dpo_reward_metrics(chosen, rejected, ref_chosen, ref_rejected, beta)
         metrics.update({f"loss/{name}": value for name, value in parts.items()})
         for name, value in metrics.items():

@@ -405,7 +405,8 @@ class GRPOTrainer(VLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mask = inputs["completion_mask"]
-        logps, entropy = micro_batch_logps(model, inputs, temperature=args.temperature, with_entropy=True)
+        with self.router_aux.policy_pass(model) as routers:                 # MoE load balancing (policy only)
+            logps, entropy = micro_batch_logps(model, inputs, temperature=args.temperature, with_entropy=True)
         old = inputs["old_logps"] if inputs["old_logps"] is not None else logps.detach()
         training = model.training
         ga = args.gradient_accumulation_steps if training else 1
@@ -423,6 +424,7 @@ class GRPOTrainer(VLMTrainer):
             sampling_weights=inputs.get("sampling_weights"))
         if args.loss_type not in TOKEN_NORMALISED_LOSS_TYPES:
             loss = loss / ga
+        loss = self.router_aux.add(self, loss, routers, ga)
         maskf = mask.to(entropy.dtype)
         metrics["entropy"] = (entropy.detach() * maskf).sum() / maskf.sum().clamp(min=1)
         names = sorted(metrics)

@@ -61,6 +61,24 @@ class SFTTrainer(VLMTrainer):
         return SFTCollator(self.encoder)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self.router_aux.policy_pass(model) as routers:
+            logps, hits, mask = self._token_logps(model, inputs)
+        local_tokens = mask.sum()
+        denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
+        denominator = torch.as_tensor(denominator, device=logps.device).clamp(min=1)
+        loss = -(logps * mask).sum() / denominator
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        loss = self.router_aux.add(self, loss, routers, self.args.gradient_accumulation_steps if model.training else 1)
+        self.record("mean_token_accuracy", (hits & mask).sum() / local_tokens.clamp(min=1))
+        if model.training:
+            self._tokens_seen = getattr(self, "_tokens_seen", 0) + int(inputs["attention_mask"].sum())
+            self.record("num_tokens", self._tokens_seen)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _token_logps(self, model, inputs):
+        """Log-probs, argmax hits and the scored mask: packed (padding_free / packing) or padded."""
+        reason = None
         if self.args.padding_free or self.args.packing:
             reason = packing_unsupported(model)
             if reason is None:
@@ -74,14 +92,4 @@ class SFTTrainer(VLMTrainer):
         if not (self.args.padding_free or self.args.packing) or reason is not None:
             mask = inputs["labels"] != IGNORE_INDEX               # [B, T]
             logps, _, hits = token_logps(model, inputs, mask)     # [B, T] each
-        local_tokens = mask.sum()
-        denominator = num_items_in_batch if num_items_in_batch is not None else local_tokens
-        denominator = torch.as_tensor(denominator, device=logps.device).clamp(min=1)
-        loss = -(logps * mask).sum() / denominator
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
-        self.record("mean_token_accuracy", (hits & mask).sum() / local_tokens.clamp(min=1))
-        if model.training:
-            self._tokens_seen = getattr(self, "_tokens_seen", 0) + int(inputs["attention_mask"].sum())
-            self.record("num_tokens", self._tokens_seen)
-        return (loss, {"loss": loss}) if return_outputs else loss
+        return logps, hits, mask

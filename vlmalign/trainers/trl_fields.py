@@ -23,8 +23,11 @@ _PACKING = ("packing / padding-free batches are not available yet (their own wor
 # name -> (status, note); notes of refused options are the error messages
 COMMON = {
     "trust_remote_code": ("acts", "Passed to from_pretrained for the model and the processor."),
-    "router_aux_loss_coef": ("refused", "the router auxiliary loss is not wired into vlmalign's losses yet (the "
-                             "Qwen3-VL-MoE family trains without it); leave router_aux_loss_coef unset."),
+    "router_aux_loss_coef": ("differs", "The weight of the router load-balancing loss of mixture-of-experts models "
+                             "(policy pass only, logged as aux_loss; a non-MoE model is refused, as in TRL). Unset "
+                             "(None): on only where the model's config has output_router_logits=True, with its "
+                             "router_aux_loss_coef (TRL turns it on for any MoE model whose config declares a "
+                             "coefficient); 0.0 turns it off."),
     "dataset_num_proc": ("differs", "Accepted (scripts read it for their own dataset.map); vlmalign's row "
                          "validation runs in the main process, as it decodes each image once."),
     "truncation_mode": ("differs", "vlmalign never cuts a sequence (a cut can split an image's tokens): rows longer "
@@ -179,7 +182,9 @@ def _json_arg(value: Any) -> Any:
 @dataclass
 class CommonTrlFields:
     trust_remote_code: bool = field(default=False, metadata={"help": "Run the model's own code (from_pretrained)."})
-    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Refused (no MoE families)."})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "Weight of the MoE router "
+                                               "load-balancing loss (None: the model config's, where its "
+                                               "output_router_logits is on; 0 off)."})
     pad_to_multiple_of: int | str | None = field(default="auto", metadata={"help": "Refused unless 'auto'."})
 
 
