@@ -100,3 +100,33 @@ def test_unpackable_family_is_refused_by_name(built, family):
     model, encoder = built(family)
     with pytest.raises(ValueError, match=f"family {family} "):
         pack_rows(model, _batch(encoder))
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_patch_embedding_as_matrix_product_equals_convolution(built, family):
+    """`models.patch_embed.install`: the Qwen-VL one-patch Conv3d run as `linear` gives the same loss and gradients
+    (every parameter, the patch kernel included) as the convolution, to 1e-5."""
+    from vlmalign.models import patch_embed
+
+    model, encoder = built(family)
+    model.train()
+    batch = _batch(encoder)
+    mask = batch["labels"] != -100
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 1
+
+    def loss():
+        logps, _, _ = token_logps(model, batch, mask)
+        return -logps.sum()
+
+    for conv in convs:
+        conv.__dict__.pop("forward", None)
+    plain_loss, plain = _loss_and_grads(model, loss)
+    assert patch_embed.install(model) == 1
+    fast_loss, fast = _loss_and_grads(model, loss)
+    for conv in convs:
+        del conv.__dict__["forward"]
+    assert fast_loss.item() == pytest.approx(plain_loss.item(), rel=RTOL)
+    name = next(n for n, p in model.named_parameters() if p is convs[0].weight)
+    assert plain[name].norm() > 0
+    _assert_grads_close(plain, fast, get_family(model), rtol=RTOL)

@@ -49,11 +49,14 @@ def rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = bounds.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slices: the backward is one concatenation, not a zero-filled full-length gradient per row
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        mask = attention_mask[..., start:end, start:end] if attention_mask is not None else None
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], mask, **kwargs)
+    for start, q, k, v in zip(bounds, query.split(lengths, dim=2), key.split(lengths, dim=2),
+                              value.split(lengths, dim=2)):
+        mask = attention_mask[..., start:start + q.shape[2], start:start + q.shape[2]] \
+            if attention_mask is not None else None
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
 

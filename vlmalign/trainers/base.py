@@ -33,7 +33,7 @@ from ..distributed import clean_exit, cpu_engines
 from ..distributed.gather import zero3_engine
 from ..distributed.checks import check_engine
 from ..models.families import Family, get_family
-from ..models import vision_balance
+from ..models import patch_embed, vision_balance
 from ..models.forward import unwrap_model
 from ..models.loading import load_model, load_processor, save_processor
 from ..models.quantization import check_quantized_loading
@@ -132,6 +132,7 @@ def prepare_model(model, args: BaseConfig, peft_config=None) -> tuple[torch.nn.M
                          "this model is already loaded")
     model = load_model(model, **init_kwargs)
     family = get_family(model)
+    patch_embed.install(model)   # one-patch Conv3d (Qwen-VL towers) as one matrix product (models/patch_embed.py)
     if args.disable_dropout:
         _disable_dropout(model)
     for name, param in model.named_parameters():
