@@ -141,3 +141,22 @@ def packed_score_mask(packed: dict) -> torch.Tensor:
     mask = packed["labels"] != -100
     mask[0, packed["cu_seq_lens_q"][:-1].long()] = False
     return mask
+
+
+def packed_sequence_logps(model: nn.Module, batch: dict, *, chunk_size: int = 1024
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the labelled tokens' log-probs [B] and their counts [B] of a padded batch with `labels`,
+    computed on its packed form (`pack_rows`: every row, e.g. DPO's chosen and rejected sequences, one after the
+    other without padding, each with its own positions and images). Equal to the padded batch's sums."""
+    from .forward import token_logps
+
+    packed = pack_rows(model, batch)
+    mask = packed_score_mask(packed)
+    with packed_attention(model):
+        logps, _, _ = token_logps(model, packed, mask, chunk_size=chunk_size)     # [1, L]
+    bounds = packed["cu_seq_lens_q"].long()
+    rows = len(bounds) - 1
+    row_of = torch.repeat_interleave(torch.arange(rows, device=logps.device), (bounds[1:] - bounds[:-1]).to(logps.device))
+    sums = logps.new_zeros(rows).index_add(0, row_of, logps[0])
+    counts = torch.zeros(rows, dtype=torch.long, device=logps.device).index_add(0, row_of, mask[0].long().to(logps.device))
+    return sums, counts
