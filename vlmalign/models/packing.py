@@ -20,7 +20,8 @@ is more than causal (Gemma3's bidirectional image blocks; `Family.packing` False
 `packing_unsupported` says why, and the callers run the padded batch.
 
 Log-probs of the packed batch equal the padded batch's (tests/test_packing.py): a row's first token is never scored
-(the previous position belongs to another row).
+(the previous position belongs to another row). SFT packs its rows; DPO / MPO pack the chosen and rejected
+sequences (`packed_sequence_logps`: per-sequence sums, each sequence with its own prompt copy).
 """
 
 from __future__ import annotations
