@@ -427,7 +427,7 @@ def main() -> None:
                     methods.remove(m)
                     skipped[m] = f"vlmalign.trainers.dpo is not importable ({type(err).__name__}: {err})"
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-vs-trl-") as tmp:
         model_dir = make_tiny_model("qwen2_vl", "small", Path(tmp) / "model")
         gen = GenerationConfig.from_pretrained(model_dir)
@@ -460,6 +460,8 @@ def main() -> None:
                   f"peak {v['peak']:.0f} / {t['peak']:.0f} MiB [{time.perf_counter() - t0:.0f} s]", flush=True)
     table = render(rows, skipped, cfg, command, header)
     table += f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.\n"
+    table += ("Machine load average (1 / 5 / 15 min) at the start: {:.1f} / {:.1f} / {:.1f}; at the end: {:.1f} / {:.1f} / "
+              "{:.1f} ({} cores, shared with other jobs).\n").format(*load_start, *os.getloadavg(), os.cpu_count())
     print("\n" + table)
     if args.profile:
         for row in rows:

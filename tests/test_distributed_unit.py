@@ -104,3 +104,34 @@ def test_vision_pass_on_text_only_batch_is_exactly_zero(tiny_model_dir, tmp_path
     assert [p.grad is not None for p in ref_vision] == used
     assert all(torch.count_nonzero(p.grad) == 0 for p in ref_vision if p.grad is not None)
     assert all(p.grad is None for p in vision)            # the copy's pass did not touch the policy
+
+
+def test_rows_are_validated_once_on_the_main_process(tiny_model_dir, tmp_path):
+    """2 processes (gloo): only the main process decodes images and renders rows with the chat template while the
+    trainer is built; the other gets the same kept rows. A bad row found there stops both with the same message,
+    naming the row (no process left waiting)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "validate_once_two_process.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "result"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(script),
+           str(tiny_model_dir("qwen2_vl")), str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    main, other = (json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in (0, 1))
+    assert (main["world_size"], other["world_size"]) == (2, 2)
+    assert main["decoded_images"] >= 6 and main["template_checks"] == 1   # 6 rows, one image each
+    assert other["decoded_images"] == 0 and other["template_checks"] == 0
+    assert main["rows"] == other["rows"] == list(range(6))
+    assert main["error"] == other["error"]
+    assert main["error"].startswith("DataValidationError") and "row 3" in main["error"]

@@ -534,3 +534,44 @@ def test_random_reward_does_not_improve(sft_start, tmp_path):
                         beta=0.04)
     print(f"random-reward control held-out greedy accuracy {start:.3f} -> {end:.3f}")
     assert end <= start + 0.05
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_prompts_encoded_once_per_generation_batch(tiny_model_dir, tmp_path, monkeypatch, shared_prefix):
+    """The prompts generation encoded are reused by the old-policy, reference and policy passes (the processor runs
+    once per generation batch instead of once per pass and chunk), and training is bit-identical to encoding them
+    again in every pass. Prompts of different lengths, so reused prompts must lose the extra left padding."""
+    import dataclasses
+
+    import vlmalign.trainers.grpo as grpo_module
+
+    data = make_dataset("color", "prompt", n=8, seed=3)
+    data = data.map(lambda r, i: {"prompt": [{**r["prompt"][0], "content": r["prompt"][0]["content"][:-1] + [
+        {"type": "text", "text": r["prompt"][0]["content"][-1]["text"] + " now" * (3 * (i % 3))}]}]},
+        with_indices=True)
+    sample = grpo_module.sample_completions
+
+    def run(reuse: bool):
+        if not reuse:   # the rollout keeps no encoded prompts: every pass runs the processor again
+            monkeypatch.setattr(grpo_module, "sample_completions", lambda *a, **k: dataclasses.replace(
+                sample(*a, **k), unique_prompt_inputs=None))
+        model, processor = _load(tiny_model_dir("qwen2_vl"))
+        args = _config(tmp_path / str(reuse), steps_per_generation=2, beta=0.04, max_steps=2, epsilon=1e-3,
+                       shared_prefix=shared_prefix, temperature=0.9)
+        trainer = GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=data,
+                              processing_class=processor)
+        calls, encode = [], trainer.encoder.encode
+        trainer.encoder.encode = lambda *a, **k: calls.append(len(a[0])) or encode(*a, **k)
+        trainer.train()
+        monkeypatch.setattr(grpo_module, "sample_completions", sample)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return losses, [p.detach().clone() for p in trainer.model.parameters()], calls, trainer
+
+    losses, params, calls, trainer = run(True)
+    lengths = {int(n) for n in trainer._buffer.batch.encoded_prompts["attention_mask"].sum(1)}
+    assert len(lengths) > 1                                   # prompts of different lengths in one batch
+    assert calls == [4 if shared_prefix else 16]              # generation only (4 prompts x G=4)
+    again, params_again, calls_again, _ = run(False)
+    assert len(calls_again) == 7                              # + old and reference (2 chunks each), 2 micro-batches
+    assert losses == again and len(losses) == 2 and losses[1] != 0
+    assert all(torch.equal(a, b) for a, b in zip(params, params_again))

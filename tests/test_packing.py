@@ -116,3 +116,62 @@ def test_linear_attention_cannot_be_packed_with_torch_kernels(built, monkeypatch
     packed = pack_rows(model, _batch(encoder))
     with torch.no_grad(), pytest.raises(ValueError, match="can't keep packed sequences apart"):
         _packed_logps(model, packed)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_patch_embedding_as_matrix_product_equals_convolution(built, family):
+    """`models.patch_embed.install`: the Qwen-VL one-patch Conv3d run as `linear` gives the same loss and gradients
+    (every parameter, the patch kernel included) as the convolution, to 1e-5."""
+    from vlmalign.models import patch_embed
+
+    model, encoder = built(family)
+    model.train()
+    batch = _batch(encoder)
+    mask = batch["labels"] != -100
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convs) == 1
+
+    def loss():
+        logps, _, _ = token_logps(model, batch, mask)
+        return -logps.sum()
+
+    for conv in convs:
+        conv.__dict__.pop("forward", None)
+    plain_loss, plain = _loss_and_grads(model, loss)
+    assert patch_embed.install(model) == 1
+    fast_loss, fast = _loss_and_grads(model, loss)
+    for conv in convs:
+        del conv.__dict__["forward"]
+    assert fast_loss.item() == pytest.approx(plain_loss.item(), rel=RTOL)
+    name = next(n for n, p in model.named_parameters() if p is convs[0].weight)
+    assert plain[name].norm() > 0
+    _assert_grads_close(plain, fast, get_family(model), rtol=RTOL)
+
+
+@pytest.mark.parametrize("family", PACKABLE)
+def test_packed_preference_sequence_logps_equal_padded(built, family):
+    """DPO / MPO `padding_free`: the chosen and rejected sequences of a preference batch (answers of different
+    lengths, rows with 2, 1 and 0 images) packed into one sequence give the padded batch's per-sequence log-prob
+    sums, token counts and gradients (1e-5)."""
+    from vlmalign.data.collate import PreferenceCollator
+    from vlmalign.models.packing import packed_sequence_logps
+    from vlmalign.trainers.reference import sequence_logps
+
+    model, encoder = built(family)
+    model.train()
+    answer = lambda text: [{"role": "assistant", "content": [{"type": "text", "text": text}]}]  # noqa: E731
+    rows = [{**r, "chosen": answer(a), "rejected": answer(b)} for r, a, b in zip(
+        _rows(), ANSWERS, ["blue", "no", "four five six seven eight nine"])]
+    batch = PreferenceCollator(encoder)(rows)
+    assert (batch["attention_mask"] == 0).any() and batch["input_ids"].shape[0] == 6
+    out = {}
+    for name, fn in (("padded", sequence_logps), ("packed", packed_sequence_logps)):
+        def loss():
+            logps, counts = fn(model, dict(batch))
+            out[name] = (logps.detach(), counts)
+            return -(logps * torch.linspace(0.5, 1.5, len(logps))).sum()
+        out[name + "_grads"] = _loss_and_grads(model, loss)[1]
+    padded, packed = out["padded"], out["packed"]
+    assert torch.equal(padded[1], packed[1]) and int(packed[1].min()) > 0
+    assert torch.allclose(packed[0], padded[0], rtol=RTOL, atol=RTOL * padded[0].abs().max().item())
+    _assert_grads_close(out["padded_grads"], out["packed_grads"], get_family(model), rtol=RTOL)

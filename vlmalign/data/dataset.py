@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..distributed.once import on_main_process
 from .collate import Encoder, SequenceTooLongError
 from .formats import DataValidationError, RowError, normalize_row, validate_dataset
 from .supervision import SupervisionError
@@ -106,20 +107,30 @@ def prepare_rows(
 ) -> RowDataset:
     """Validate every row (errors name each bad row and column, all of them), check each row through the model's
     chat template (`check_with_template`), and drop or reject the rows longer than `max_length` with their images
-    expanded (never cut)."""
+    expanded (never cut). In a multi-process run the main process does this work alone and sends the kept row
+    indices (or the error) to the others, which decode no image here (`distributed.once`)."""
     if dataset is None:
         return None
     if isinstance(dataset, RowDataset):
         return dataset
     if truncation_policy not in ("drop", "raise"):
         raise ValueError(f"truncation policy must be 'drop' or 'raise', got {truncation_policy!r}")
+    kept = on_main_process(lambda: checked_indices(dataset, kind, encoder, max_length=max_length,
+                                                   truncation_policy=truncation_policy,
+                                                   max_image_pixels=max_image_pixels, name=name))
+    return RowDataset(dataset, kind, kept, max_image_pixels=max_image_pixels)
+
+
+def checked_indices(dataset, kind: str, encoder: Encoder, *, max_length: int | None, truncation_policy: str,
+                    max_image_pixels: int | None, name: str) -> list[int]:
+    """The indices of the rows `prepare_rows` keeps (its docstring), computed on this process."""
     report = validate_dataset(dataset, kind, max_image_pixels=max_image_pixels, on_error="raise", name=name)
     if report.num_converted_images:
         logger.info("%s: %d non-RGB images converted to RGB", name, report.num_converted_images)
     rows = RowDataset(dataset, kind, report.valid_indices, max_image_pixels=max_image_pixels)
     lengths = check_with_template(rows, kind, encoder, measure=max_length is not None, name=name)
     if max_length is None:
-        return rows
+        return rows.indices
     too_long = {i: n for i, n in lengths.items() if n > max_length}
     if too_long and truncation_policy == "raise":
         column = {"sft": "messages", "preference": "chosen/rejected", "prompt": "prompt"}[kind]
@@ -133,4 +144,4 @@ def prepare_rows(
     if not kept:
         raise SequenceTooLongError(f"{name}: every row is longer than max_length={max_length} with its images "
                                    f"(rows are never cut inside images); raise max_length")
-    return RowDataset(dataset, kind, kept, max_image_pixels=max_image_pixels)
+    return kept

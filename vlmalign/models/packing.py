@@ -21,7 +21,8 @@ is more than causal (Gemma3's bidirectional image blocks) or that carry a recurr
 `packing_unsupported` says why, and the callers run the padded batch.
 
 Log-probs of the packed batch equal the padded batch's (tests/test_packing.py): a row's first token is never scored
-(the previous position belongs to another row).
+(the previous position belongs to another row). SFT packs its rows; DPO / MPO pack the chosen and rejected
+sequences (`packed_sequence_logps`: per-sequence sums, each sequence with its own prompt copy).
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ def rowwise_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = bounds.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # split, not slices: the backward is one concatenation, not a zero-filled full-length gradient per row
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        mask = attention_mask[..., start:end, start:end] if attention_mask is not None else None
-        out, _ = sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                                        value[:, :, start:end], mask, **kwargs)
+    for start, q, k, v in zip(bounds, query.split(lengths, dim=2), key.split(lengths, dim=2),
+                              value.split(lengths, dim=2)):
+        mask = attention_mask[..., start:start + q.shape[2], start:start + q.shape[2]] \
+            if attention_mask is not None else None
+        out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
         outputs.append(out)
     return torch.cat(outputs, dim=1), None
 
@@ -140,3 +144,22 @@ def packed_score_mask(packed: dict) -> torch.Tensor:
     mask = packed["labels"] != IGNORE_INDEX
     mask[0, packed["cu_seq_lens_q"][:-1].long()] = False
     return mask
+
+
+def packed_sequence_logps(model: nn.Module, batch: dict, *, chunk_size: int = 1024
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the labelled tokens' log-probs [B] and their counts [B] of a padded batch with `labels`,
+    computed on its packed form (`pack_rows`: every row, e.g. DPO's chosen and rejected sequences, one after the
+    other without padding, each with its own positions and images). Equal to the padded batch's sums."""
+    from .forward import token_logps
+
+    packed = pack_rows(model, batch)
+    mask = packed_score_mask(packed)
+    with packed_attention(model):
+        logps, _, _ = token_logps(model, packed, mask, chunk_size=chunk_size)     # [1, L]
+    bounds = packed["cu_seq_lens_q"].long()
+    rows = len(bounds) - 1
+    row_of = torch.repeat_interleave(torch.arange(rows, device=logps.device), (bounds[1:] - bounds[:-1]).to(logps.device))
+    sums = logps.new_zeros(rows).index_add(0, row_of, logps[0])
+    counts = torch.zeros(rows, dtype=torch.long, device=logps.device).index_add(0, row_of, mask[0].long().to(logps.device))
+    return sums, counts

@@ -101,6 +101,7 @@ class GenerationBatch:
     ref_logps: torch.Tensor | None = None   # [N, C]
     group_ids: torch.Tensor | None = None   # [N] long, non-decreasing: completions of one prompt share an id
     sampling_weights: torch.Tensor | None = None  # [N, C] vLLM importance-sampling correction (TIS), if any
+    encoded_prompts: dict | None = None  # the prompts generation encoded, each once [U, P]; group_ids index it
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -123,6 +124,7 @@ class GenerationBatch:
             "sampling_weights": on(self.sampling_weights),
             "group_ids": None if self.group_ids is None else self.group_ids[index.to(self.group_ids.device)],
             "num_items_in_batch": self.num_items_in_batch,
+            "encoded_prompts": self.encoded_prompts,
         }
 
 

@@ -22,18 +22,17 @@ import torch
 
 from ..data.collate import Encoder, append_completions
 from ..models.forward import token_logps
-from ..models.shared_prefix import plain_batch, shared_prefix_logps
+from ..models.shared_prefix import plain_batch, select_prompt_rows, shared_prefix_logps
 from .buffer import prompt_groups
 
 
 def forward_batch(encoder: Encoder, rows: list[dict], completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                  device: torch.device | str | None = None, encoded: tuple[dict, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """Left-padded prompts of `rows` (with their images) + right-padded completions [B, C] -> one batch [B, P + C]
-    whose last C positions are the completions."""
-    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
-                             add_generation_prompt=True, with_labels=False)
+    whose last C positions are the completions (prompts from `encoded` when given: `prompt_batch`)."""
     device = device if device is not None else completion_ids.device
-    prompts = {k: v.to(device) for k, v in prompts.items()}
+    prompts = prompt_batch(encoder, rows, list(range(len(rows))), device, encoded)
     return append_completions(prompts, completion_ids.to(device), completion_mask.to(device), encoder)
 
 
@@ -42,6 +41,24 @@ def encode_prompts(encoder: Encoder, rows: list[dict], device: torch.device | st
     prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
                              add_generation_prompt=True, with_labels=False)
     return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
+
+
+def prompt_batch(encoder: Encoder, rows: list[dict], positions: list[int], device: torch.device | str | None,
+                 encoded: tuple[dict, torch.Tensor] | None = None) -> dict:
+    """The generation prompts of `rows[positions]`, one row each. With `encoded` = (the prompts generation encoded,
+    each distinct prompt once [U, P]; each row's index there [len(rows)]) they are selected from it (a tensor
+    gather, no processor run) and their left padding cut to the longest selected prompt: the same tensors as
+    `encode_prompts` on those rows. Otherwise the processor runs (`encode_prompts`)."""
+    if encoded is None:
+        return encode_prompts(encoder, [rows[i] for i in positions], device)
+    unique, index = encoded
+    picked = index.to(unique["input_ids"].device)[torch.as_tensor(positions, dtype=torch.long)]
+    batch = select_prompt_rows(unique, picked, encoder.family, encoder.image_token_id)
+    real = batch["attention_mask"].bool().any(dim=0)
+    start = int(real.nonzero()[0]) if real.any() else 0
+    shape = tuple(batch["input_ids"].shape)
+    batch = {k: v[:, start:] if torch.is_tensor(v) and tuple(v.shape[:2]) == shape else v for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()} if device is not None else batch
 
 
 class MicroBatch(dict):
@@ -66,11 +83,13 @@ def micro_batch_inputs(encoder: Encoder, micro: dict, device: torch.device | str
     `prompt_inputs` + `prompt_index`, otherwise `inputs` (the plain forward batch)."""
     micro = MicroBatch(micro)
     ids, mask = micro["completion_ids"].to(device), micro["completion_mask"].to(device)
-    if not shared_prefix or micro.get("group_ids") is None:
-        micro["inputs"] = forward_batch(encoder, micro["rows"], ids, mask, device)
+    groups = micro.get("group_ids")
+    encoded = None if micro.get("encoded_prompts") is None or groups is None else (micro["encoded_prompts"], groups)
+    if not shared_prefix or groups is None:
+        micro["inputs"] = forward_batch(encoder, micro["rows"], ids, mask, device, encoded)
         return micro
-    firsts, index = prompt_groups(micro["group_ids"], len(micro["rows"]))
-    prompts = encode_prompts(encoder, [micro["rows"][i] for i in firsts], device)
+    firsts, index = prompt_groups(groups, len(micro["rows"]))
+    prompts = prompt_batch(encoder, micro["rows"], firsts, device, encoded)
     index = index.to(device)
     micro["prompt_inputs"], micro["prompt_index"] = prompts, index
     micro._build_inputs = lambda: plain_batch(prompts, ids, mask, index, encoder.family,  # noqa: E731
@@ -96,22 +115,25 @@ def micro_batch_logps(model: torch.nn.Module, micro: dict, *, temperature: float
 @torch.no_grad()
 def completion_logps(model: torch.nn.Module, encoder: Encoder, rows: list[dict], completion_ids: torch.Tensor,
                      completion_mask: torch.Tensor, *, batch_size: int, temperature: float = 1.0,
-                     group_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     group_ids: torch.Tensor | None = None, encoded: tuple[dict, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Per-token log-probs [N, C] of the completions under `model` (no grad), `batch_size` rows per forward;
     0 on padding. With `group_ids` [N] (consecutive completions sharing an id share their prompt) each chunk's
-    prompts run once per group (shared-prefix path)."""
+    prompts run once per group (shared-prefix path). `encoded` (`prompt_batch`): the prompts generation encoded,
+    reused instead of running the processor again."""
     out = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
     width = completion_ids.shape[1]
     for start in range(0, len(rows), batch_size):
         end = start + batch_size
         ids, mask = completion_ids[start:end], completion_mask[start:end]
+        chunk = None if encoded is None else (encoded[0], encoded[1][start:end])
         if group_ids is not None:
             firsts, index = prompt_groups(group_ids[start:end], len(ids))
-            prompts = encode_prompts(encoder, [rows[start + i] for i in firsts], ids.device)
+            prompts = prompt_batch(encoder, rows[start:end], firsts, ids.device, chunk)
             logps, _ = shared_prefix_logps(model, prompts, ids, mask, prompt_index=index.to(ids.device),
                                            temperature=temperature)
         else:
-            batch = forward_batch(encoder, rows[start:end], ids, mask)
+            batch = forward_batch(encoder, rows[start:end], ids, mask, encoded=chunk)
             logps, _, _ = token_logps(model, batch, mask, keep_last=width, temperature=temperature)
         out[start:end] = logps.float()
     return out

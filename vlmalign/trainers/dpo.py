@@ -21,6 +21,7 @@ from ..data.collate import PreferenceCollator
 from ..data.formats import _column_names
 from ..distributed.gather import is_zero3_partitioned
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
+from ..models.packing import packing_unsupported
 from .base import BaseConfig, VLMTrainer
 from .trl_fields import DPOTrlFields, check_trl_arguments
 from .reference import (RowsWithReferenceLogps, batch_sequence_logps, make_reference_model,
@@ -133,7 +134,8 @@ class DPOTrainer(VLMTrainer):
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, callbacks=None, **kwargs):
         args = args if args is not None else DPOConfig(output_dir="dpo-output")
-        self._shared_prefix = args.shared_prefix  # read by make_collator, which runs inside super().__init__
+        # read by make_collator, which runs inside super().__init__; padding_free packs the plain batch instead
+        self._shared_prefix = args.shared_prefix and not args.padding_free
         self._use_ref_columns = args.precompute_ref_log_probs
         for name, data in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             stray = [k for k in _REF_KEYS if k in (_column_names(data) or ())]
@@ -195,12 +197,16 @@ class DPOTrainer(VLMTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         precomputed = [inputs.pop(k, None) for k in _REF_KEYS]
+        packed = self.args.padding_free
+        if packed and not getattr(self, "_packing_logged", False) and packing_unsupported(model) is not None:
+            self._packing_logged = True
+            logger.info("padding_free: %s; running padded batches", packing_unsupported(model))
         with self.router_aux.policy_pass(model) as routers:                 # MoE load balancing (policy only)
-            logps, lengths = batch_sequence_logps(model, inputs)             # [2B] each
+            logps, lengths = batch_sequence_logps(model, inputs, padding_free=packed)   # [2B] each
         if precomputed[0] is not None:
             ref_chosen, ref_rejected = (t.to(logps) for t in precomputed)
         else:
-            ref = reference_logps(model, self.ref_model, inputs).to(logps)   # [2B]
+            ref = reference_logps(model, self.ref_model, inputs, padding_free=packed).to(logps)  # [2B]
             ref_chosen, ref_rejected = ref.chunk(2)
         chosen, rejected = logps.chunk(2)
         chosen_lengths, rejected_lengths = lengths.chunk(2)

@@ -289,6 +289,8 @@ class GRPOTrainer(VLMTrainer):
                                              shared_prefix=args.shared_prefix)
         groups = rollout.group_index.cpu()                 # [N] completions of one prompt share an id
         shared = groups if args.shared_prefix else None    # group ids for the shared-prefix log-prob passes
+        prompts = getattr(rollout, "unique_prompt_inputs", None)   # encoded once: reused by every pass below
+        encoded = None if prompts is None else (prompts, groups)
         device = acc.device
         ids, mask = rollout.completion_ids.to(device), rollout.completion_mask.to(device)
         truncated = rollout.truncated.to(device)
@@ -311,13 +313,13 @@ class GRPOTrainer(VLMTrainer):
         old = ref = weights = None
         correct = self.vllm is not None and args.vllm_importance_sampling_correction
         if mode == "train" and (self.needs_old_logps or correct):
-            old = self._old_logps(rows, ids, mask, batch_size, shared)
+            old = self._old_logps(rows, ids, mask, batch_size, shared, encoded)
         if self.vllm is not None and old is not None:
             weights = self._sampling_correction(old, rollout.sampling_logps, loss_mask, correct)
         if args.beta > 0:
             with reference_forward(self.model, self.ref_model) as ref_model:
                 ref = completion_logps(ref_model, self.encoder, rows, ids, mask, batch_size=batch_size,
-                                       temperature=args.temperature, group_ids=shared)
+                                       temperature=args.temperature, group_ids=shared, encoded=encoded)
 
         metrics = reward_metrics(per_func, total, self.reward_func_names)
         metrics.update(group_stats)                       # reward_std: mean group std, as TRL logs it
@@ -337,7 +339,7 @@ class GRPOTrainer(VLMTrainer):
         return GenerationBatch(rows=rows, completion_ids=ids, completion_mask=mask, loss_mask=loss_mask,
                                advantages=slice_for_process(advantages, rank, world).to(device),
                                num_items_in_batch=num_items, old_logps=old, ref_logps=ref, group_ids=groups,
-                               sampling_weights=weights)
+                               sampling_weights=weights, encoded_prompts=prompts)
 
     def _vllm_generate(self, rows, seeds):
         """Completions from vLLM, its weights first brought up to the policy's when an optimiser step changed them
@@ -375,10 +377,10 @@ class GRPOTrainer(VLMTrainer):
             self.record("sampling/importance_sampling_ratio/max", total[:, 5].max())
         return weights
 
-    def _old_logps(self, rows, ids, mask, batch_size, group_ids=None) -> torch.Tensor:
+    def _old_logps(self, rows, ids, mask, batch_size, group_ids=None, encoded=None) -> torch.Tensor:
         """Log-probs of the sampling policy, once per generation batch (shared-prefix path with `group_ids`)."""
         return completion_logps(self.model, self.encoder, rows, ids, mask, batch_size=batch_size,
-                                temperature=self.args.temperature, group_ids=group_ids)
+                                temperature=self.args.temperature, group_ids=group_ids, encoded=encoded)
 
     # ------------------------------------------------------------------------------------- checkpoint state
 

@@ -28,6 +28,7 @@ from ..distributed.gather import fsdp2_modules, is_zero3_partitioned
 from ..distributed.reference import deepspeed_stage, zero3_inference_engine
 from ..losses.logprobs import IGNORE_INDEX
 from ..models.forward import strip_engine_wrappers, token_logps
+from ..models.packing import packed_sequence_logps, packing_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -159,17 +160,23 @@ def shared_sequence_logps(model: nn.Module, shared: dict, *, chunk_size: int = 1
     return (logps * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def batch_sequence_logps(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared-prefix path when the batch carries it, else the plain path."""
+def batch_sequence_logps(model: nn.Module, batch: dict, *, padding_free: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared-prefix path when the batch carries it; else the packed path with `padding_free` (families that can be
+    packed, `models.packing`); else the plain path."""
     if "shared" in batch:
         return shared_sequence_logps(model, batch["shared"])
-    return sequence_logps(model, {k: v for k, v in batch.items() if k != "shared"})
+    plain = {k: v for k, v in batch.items() if k != "shared"}
+    if padding_free and packing_unsupported(model) is None:
+        return packed_sequence_logps(model, plain)
+    return sequence_logps(model, plain)
 
 
-def reference_logps(model: nn.Module, ref_model: nn.Module | None, batch: dict) -> torch.Tensor:
+def reference_logps(model: nn.Module, ref_model: nn.Module | None, batch: dict, *, padding_free: bool = False
+                    ) -> torch.Tensor:
     """Per-row summed reference log-probs [B] (no grad), from `ref_model` or the adapter-disabled PEFT policy."""
     with reference_forward(model, ref_model) as ref:
-        return batch_sequence_logps(ref, batch)[0].detach()
+        return batch_sequence_logps(ref, batch, padding_free=padding_free)[0].detach()
 
 
 # ------------------------------------------------------------------------------------ precomputed reference logps

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..models import patch_embed
 from ..models.families import Family, get_family
 from ..models.loading import load_model
 from ..models.quantization import check_quantized_loading
@@ -51,6 +52,7 @@ def prepare_model(model, args: BaseConfig, peft_config=None) -> tuple[torch.nn.M
                          "this model is already loaded")
     model = load_model(model, **init_kwargs)
     family = get_family(model)
+    patch_embed.install(model)   # one-patch Conv3d (Qwen-VL towers) as one matrix product (models/patch_embed.py)
     if args.disable_dropout:
         disable_dropout(model)
     for name, param in model.named_parameters():

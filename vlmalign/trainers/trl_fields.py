@@ -66,6 +66,10 @@ SFT = {
     "loss_type": ("acts", "'nll' (the only accepted value; TRL's 'dft' is refused: not implemented)."),
 }
 DPO = {
+    "padding_free": ("acts", "The chosen and rejected sequences of each batch run as one sequence without padding "
+                     "(each with its own prompt copy, positions and images; attention kept inside each sequence); "
+                     "same log-probs as the padded batch. Replaces the shared-prefix path for that trainer; Gemma 3 "
+                     "runs padded (logged)."),
     "ld_alpha": ("refused", "LD-DPO length desensitisation is not implemented; use loss_type with a length-"
                  "normalised variant or leave ld_alpha unset."),
     "f_divergence_type": ("refused", "only the reverse-KL (standard DPO) reward is implemented; leave "
@@ -194,7 +198,7 @@ class DataTrlFields:
     truncation_mode: str = field(default="keep_start", metadata={"help": "Only 'keep_start' (rows are never cut; "
                                  "see truncation_policy)."})
     activation_offloading: bool = field(default=False, metadata={"help": "Refused (not implemented)."})
-    padding_free: bool = field(default=False, metadata={"help": "Refused for now (packing work item)."})
+    padding_free: bool = field(default=False, metadata={"help": "SFT / DPO: run each batch without padding (packed)."})
     pad_token: str | None = field(default=None, metadata={"help": "Refused: set the tokenizer's pad token."})
 
 
