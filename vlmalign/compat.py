@@ -91,8 +91,8 @@ MEMBERS: tuple[Member, ...] = (
            "trainers/saving.py (ZeRO-3 save without the recorded key conversions)"),
     # processors
     Member("transformers.processing_utils:ProcessorMixin", "from_args_and_dict", "source",
-           "models/loading.py image_only_processor_class (its generated __init__ names every setting)",
-           phrase="__init__.__code__.co_varnames"),
+           "models/loading.py image_only_processor_class (saved settings are filtered by its validate_init_kwargs)",
+           phrase="cls.validate_init_kwargs("),
     # accelerate
     Member("accelerate.state:PartialState", "_prepare_backend", "method",
            "distributed/cpu_engines.py (FSDP2 / DeepSpeed on gloo for CPU tests)", ("cpu", "sagemaker_dp", "backend")),
