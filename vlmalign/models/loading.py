@@ -23,6 +23,8 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
+from .families import Family
+
 logger = logging.getLogger(__name__)
 
 
@@ -156,15 +158,14 @@ def check_model_folder(path: str | os.PathLike) -> None:
             f"AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)")
 
 
-def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike) -> None:
-    """`processor.save_pretrained`, plus the video-processor config that processors declaring one (Qwen2-VL,
-    Qwen2.5-VL, SmolVLM) need for plain `AutoProcessor.from_pretrained` where torchvision is installed. Without
-    torchvision the video processor cannot be instantiated, so its config is written from the image processor's."""
+def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike, family: Family | None = None) -> None:
+    """`processor.save_pretrained`, plus the video-processor config that the processors of some families
+    (`Family.video_processor_type`: Qwen2-VL, Qwen2.5-VL, SmolVLM) need for plain `AutoProcessor.from_pretrained`
+    where torchvision is installed. Without torchvision the video processor cannot be instantiated, so its config is
+    written from the image processor's."""
     out = Path(out_dir)
     processor.save_pretrained(out)
-    names = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-             "SmolVLMProcessor": "SmolVLMVideoProcessor"}
-    video_type = names.get(type(processor).__name__)
+    video_type = family.video_processor_type if family is not None else None
     if video_type is None or "video_processor" in vars(processor):  # a real video processor saved its own config
         return
     keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std", "do_resize",
