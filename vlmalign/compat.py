@@ -48,7 +48,7 @@ class Member:
 
 
 _T = "transformers.trainer:Trainer"
-_GUARD = "trainers/guards.py (non-finite guard, run before clipping)"
+_GUARD = "trainers/guards.py (non-finite guard, run from training_step before clipping)"
 _SAVE = "trainers/saving.py (atomic checkpoints, resume)"
 
 MEMBERS: tuple[Member, ...] = (
@@ -63,8 +63,8 @@ MEMBERS: tuple[Member, ...] = (
     Member(_T, "_load_from_checkpoint", "method", _SAVE + ": weights loaded with the key conversion",
            ("resume_from_checkpoint", "model")),
     Member(_T, "_load_best_model", "method", _SAVE + ": best model loaded with the key conversion", ()),
-    Member(_T, "_clip_grad_norm", "method", _GUARD, ("model",)),
-    Member(_T, "_get_grad_norm", "method", _GUARD, ("model", "grad_norm")),
+    # Trainer marks the accumulation's last micro-batch (accelerator.sync_gradients) before its training_step
+    Member(_T, "_run_epoch", "source", _GUARD, phrase="_set_sync_gradients(do_sync_step)"),
     Member(_T, "_remove_unused_columns", "method", "trainers/base.py (rows are normalised before Trainer sees them)",
            ("dataset", "description")),
     Member(_T, "_get_collator_with_removed_columns", "method", "trainers/base.py (likewise)",
