@@ -30,18 +30,9 @@ def forward_batch(encoder: Encoder, rows: list[dict], completion_ids: torch.Tens
                   device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Left-padded prompts of `rows` (with their images) + right-padded completions [B, C] -> one batch [B, P + C]
     whose last C positions are the completions."""
-    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
-                             add_generation_prompt=True, with_labels=False)
     device = device if device is not None else completion_ids.device
-    prompts = {k: v.to(device) for k, v in prompts.items()}
+    prompts = encoder.encode_prompts(rows, device)
     return append_completions(prompts, completion_ids.to(device), completion_mask.to(device), encoder)
-
-
-def encode_prompts(encoder: Encoder, rows: list[dict], device: torch.device | str | None = None) -> dict:
-    """Left-padded generation prompts of `rows` with their vision tensors [B, P] (on `device`)."""
-    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
-                             add_generation_prompt=True, with_labels=False)
-    return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
 
 
 class MicroBatch(dict):
@@ -70,7 +61,7 @@ def micro_batch_inputs(encoder: Encoder, micro: dict, device: torch.device | str
         micro["inputs"] = forward_batch(encoder, micro["rows"], ids, mask, device)
         return micro
     firsts, index = prompt_groups(micro["group_ids"], len(micro["rows"]))
-    prompts = encode_prompts(encoder, [micro["rows"][i] for i in firsts], device)
+    prompts = encoder.encode_prompts([micro["rows"][i] for i in firsts], device)
     index = index.to(device)
     micro["prompt_inputs"], micro["prompt_index"] = prompts, index
     micro._build_inputs = lambda: plain_batch(prompts, ids, mask, index, encoder.family,  # noqa: E731
@@ -107,7 +98,7 @@ def completion_logps(model: torch.nn.Module, encoder: Encoder, rows: list[dict],
         ids, mask = completion_ids[start:end], completion_mask[start:end]
         if group_ids is not None:
             firsts, index = prompt_groups(group_ids[start:end], len(ids))
-            prompts = encode_prompts(encoder, [rows[start + i] for i in firsts], ids.device)
+            prompts = encoder.encode_prompts([rows[start + i] for i in firsts], ids.device)
             logps, _ = shared_prefix_logps(model, prompts, ids, mask, prompt_index=index.to(ids.device),
                                            temperature=temperature)
         else:

@@ -119,8 +119,7 @@ class VLLMGeneration:
 
     def _check_prompt_ids(self, row: dict, vllm_ids: list[int]) -> None:
         """vLLM must see the prompt the trainer scores: same ids, image tokens expanded the same way."""
-        batch = self.encoder.encode([row["prompt"]], [row["images"]], padding_side="left",
-                                    add_generation_prompt=True, with_labels=False)
+        batch = self.encoder.encode_prompts([row])
         ours = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         if ours != list(vllm_ids):
             first = next((k for k, (a, b) in enumerate(zip(ours, vllm_ids)) if a != b), min(len(ours), len(vllm_ids)))
