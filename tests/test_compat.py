@@ -48,12 +48,12 @@ def test_a_missing_member_is_named(monkeypatch, member):
 def test_changed_parameters_are_named(monkeypatch):
     from transformers import Trainer
 
-    def _clip_grad_norm(self, model, max_norm):  # a release that adds a parameter our override does not take
+    def _get_train_sampler(self, train_dataset, seed):  # a release that adds a parameter our override does not take
         return None
 
-    monkeypatch.setattr(Trainer, "_clip_grad_norm", _clip_grad_norm)
-    with pytest.raises(TransformersCompatError, match=r"Trainer\._clip_grad_norm .*parameters are \(model, max_norm\), "
-                                                      r"expected \(model\)"):
+    monkeypatch.setattr(Trainer, "_get_train_sampler", _get_train_sampler)
+    with pytest.raises(TransformersCompatError, match=r"Trainer\._get_train_sampler .*parameters are "
+                                                      r"\(train_dataset, seed\), expected \(train_dataset\)"):
         compat.check()
 
 
@@ -61,8 +61,8 @@ def test_importing_the_trainers_runs_the_check(monkeypatch):
     import vlmalign.trainers
     from transformers import Trainer
 
-    monkeypatch.delattr(Trainer, "_get_grad_norm")
-    with pytest.raises(TransformersCompatError, match=r"transformers\.trainer\.Trainer\._get_grad_norm"):
+    monkeypatch.delattr(Trainer, "_get_train_sampler")
+    with pytest.raises(TransformersCompatError, match=r"transformers\.trainer\.Trainer\._get_train_sampler"):
         importlib.reload(vlmalign.trainers)
     monkeypatch.undo()
     importlib.reload(vlmalign.trainers)

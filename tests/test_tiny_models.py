@@ -201,7 +201,9 @@ def test_registry(tiny):
     names = [name for name, _ in tiny.model.named_parameters()]
     vision = [n for n in names if fam.is_vision_param(n)]
     projector = [n for n in names if fam.is_projector_param(n)]
-    language = [n for n in names if re.search(fam.language_model_pattern, n)]
+    # the language model's module, by transformers' naming (Idefics3 / SmolVLM: `text_model`)
+    text_module = "text_model" if fam.name in ("idefics3", "smolvlm") else "language_model"
+    language = [n for n in names if re.search(rf"(^|\.){text_module}\.", n)]
     assert vision and projector and language
     assert not set(vision) & set(projector)
     assert not (set(vision) | set(projector)) & set(language)

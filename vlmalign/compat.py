@@ -48,7 +48,7 @@ class Member:
 
 
 _T = "transformers.trainer:Trainer"
-_GUARD = "trainers/guards.py (non-finite guard, run before clipping)"
+_GUARD = "trainers/guards.py (non-finite guard, run from training_step before clipping)"
 _SAVE = "trainers/saving.py (atomic checkpoints, resume)"
 
 MEMBERS: tuple[Member, ...] = (
@@ -63,8 +63,8 @@ MEMBERS: tuple[Member, ...] = (
     Member(_T, "_load_from_checkpoint", "method", _SAVE + ": weights loaded with the key conversion",
            ("resume_from_checkpoint", "model")),
     Member(_T, "_load_best_model", "method", _SAVE + ": best model loaded with the key conversion", ()),
-    Member(_T, "_clip_grad_norm", "method", _GUARD, ("model",)),
-    Member(_T, "_get_grad_norm", "method", _GUARD, ("model", "grad_norm")),
+    # Trainer marks the accumulation's last micro-batch (accelerator.sync_gradients) before its training_step
+    Member(_T, "_run_epoch", "source", _GUARD, phrase="_set_sync_gradients(do_sync_step)"),
     Member(_T, "_remove_unused_columns", "method", "trainers/base.py (rows are normalised before Trainer sees them)",
            ("dataset", "description")),
     Member(_T, "_get_collator_with_removed_columns", "method", "trainers/base.py (likewise)",
@@ -91,8 +91,8 @@ MEMBERS: tuple[Member, ...] = (
            "trainers/saving.py (ZeRO-3 save without the recorded key conversions)"),
     # processors
     Member("transformers.processing_utils:ProcessorMixin", "from_args_and_dict", "source",
-           "models/loading.py image_only_processor_class (its generated __init__ names every setting)",
-           phrase="__init__.__code__.co_varnames"),
+           "models/loading.py image_only_processor_class (saved settings are filtered by its validate_init_kwargs)",
+           phrase="cls.validate_init_kwargs("),
     # accelerate
     Member("accelerate.state:PartialState", "_prepare_backend", "method",
            "distributed/cpu_engines.py (FSDP2 / DeepSpeed on gloo for CPU tests)", ("cpu", "sagemaker_dp", "backend")),

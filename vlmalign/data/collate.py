@@ -81,6 +81,14 @@ class Encoder:
             batch["labels"] = torch.where(mask, batch["input_ids"], IGNORE_INDEX)
         return batch
 
+
+    def encode_prompts(self, rows: list[dict], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The generation prompts of prompt rows (`prompt` + `images`), left-padded, with their vision tensors
+        [B, P] (on `device` when given): the one encoding of a prompt that generation, completion log-probs, shared
+        prefixes and vLLM's prompt check all use."""
+        prompts = self.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
+                              add_generation_prompt=True, with_labels=False)
+        return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
     def fix_token_types(self, batch: dict) -> None:
         """Rebuild the family's token-type ids from the ids themselves (1 at image placeholders)."""
         key = self.family.token_type_key
@@ -127,8 +135,7 @@ class PreferenceCollator:
         starts = [len(r["prompt"]) for r in rows] * 2
         batch = self.encoder.encode(convs, images, supervise_from=starts)
         if self.shared_prefix:
-            prompts = self.encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows],
-                                          padding_side="left", add_generation_prompt=True, with_labels=False)
+            prompts = self.encoder.encode_prompts(rows)
             shared = split_completions(batch, prompts)
             if shared is not None:
                 batch["shared"] = shared

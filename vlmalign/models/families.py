@@ -33,20 +33,23 @@ class Family:
     # or "per_patch" (Qwen: `pixel_values` [patches, D] in image order, `image_grid_thw` [images, 3]), or "per_tile"
     # (InternVL: `pixel_values` [tiles, C, H, W], each image's tiles in order, the same tokens per tile).
     vision_batch_layout: str = "per_image"
-    # The prompt's KV cache can be computed once per group and expanded to the group's completions
-    # (`vlmalign.models.shared_prefix`); False makes those paths fall back to repeating the prompt.
-    shared_prefix: bool = True
     # Padding-free packing (`vlmalign.models.packing`, causal attention inside each row). False where the language
     # model's attention is more than causal (Gemma3: bidirectional inside an image; transformers 5.24 builds that
     # overlay wrongly for packed rows in its sliding layers): such models run the padded batch instead.
     packing: bool = True
     packing_refusal: str = "attends beyond causal inside a row"   # why, when `packing` is False
-    notes: str = ""
-    # Regex that must match any LoRA target module name that belongs to the language model.
-    language_model_pattern: str = r"(^|\.)language_model\."
     # (regex, replacement) applied to transformers weight names before they are loaded into vLLM
     # (`vlmalign.rl.vllm_engine`): vLLM 0.32 names the CLIP/SigLIP towers `vision_tower.vision_model.*`.
     vllm_weight_renames: tuple[tuple[str, str], ...] = ()
+    # Tested with vLLM (`vlmalign.rl.vllm_engine.vllm_unsupported` refuses the others).
+    vllm: bool = False
+    # Tokens vLLM's processor for the family looks up in the tokenizer (refused, naming them, when absent).
+    vllm_required_tokens: tuple[str, ...] = ()
+    # A known difference between vLLM's log-probs and the trainer's, logged when vLLM generates for this family.
+    vllm_warning: str = ""
+    # The video processor class named in the `video_preprocessor_config.json` that `models.loading.save_processor`
+    # writes beside a processor saved without torchvision (None: nothing written).
+    video_processor_type: str | None = None
 
     def is_vision_param(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.vision_module_patterns)
@@ -103,12 +106,15 @@ register(Family(
     eos_token="<|im_end|>",
     mrope=True,
     vision_batch_layout="per_patch",
+    vllm=True,
+    video_processor_type="Qwen2VLVideoProcessor",
 ))
 register(replace(FAMILIES["qwen2_vl"], name="qwen2_5_vl", model_types=("qwen2_5_vl",)))
 # Idefics3 / SmolVLM: the placeholder, the image block's wrapper and global-image tag, and the row/column
 # markers of split images (<row_1_col_1> ... <row_6_col_6>; emitted only with image splitting, which the tiny
 # models turn off).
-IDEFICS_IMAGE_TOKENS = ("<image>", "<fake_token_around_image>", "<global-img>") + tuple(
+# (The tiny models' tokenizers add them in this order: `vlmalign.models.tiny`.)
+IDEFICS_IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<global-img>") + tuple(
     f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)
 )
 
@@ -121,11 +127,12 @@ register(Family(
     vision_module_patterns=(r"(^|\.)vision_model\.",),
     projector_module_patterns=(r"(^|\.)connector\.",),
     eos_token="<end_of_utterance>",
-    language_model_pattern=r"(^|\.)text_model\.",
     vision_batch_layout="per_row",
+    vllm=True,
 ))
 # SmolVLM is Idefics3 with another processor.
-register(replace(FAMILIES["idefics3"], name="smolvlm", model_types=("smolvlm",)))
+register(replace(FAMILIES["idefics3"], name="smolvlm", model_types=("smolvlm",),
+                 video_processor_type="SmolVLMVideoProcessor"))
 VISION_MODEL_RENAME = ((r"(^|\.)vision_tower\.(?!vision_model\.)", r"\1vision_tower.vision_model."),)
 register(Family(
     name="llava_clip",
@@ -137,6 +144,7 @@ register(Family(
     projector_module_patterns=(r"(^|\.)multi_modal_projector\.",),
     eos_token="</s>",
     vllm_weight_renames=VISION_MODEL_RENAME,
+    vllm=True,
 ))
 # LLaVA with a SigLIP tower: the same model class; `get_family` tells them apart by the vision config.
 register(replace(FAMILIES["llava_clip"], name="llava_siglip"))
@@ -151,11 +159,18 @@ register(Family(
     eos_token="<end_of_turn>",
     packing=False,
     vllm_weight_renames=VISION_MODEL_RENAME,
+    vllm=True,
+    vllm_required_tokens=("\n", "\n\n"),
+    vllm_warning=("Gemma 3 on vLLM's CPU backend attends causally over the image block (transformers: "
+                  "bidirectionally), so its log-probs differ from the trainer's (measured per token: mean 0.09, "
+                  "max 0.45 with 256 image tokens); keep vllm_importance_sampling_correction=True, or generate "
+                  "with transformers (use_vllm=False)"),
 ))
 
 
 # Qwen3-VL: the Qwen2-VL layout, with DeepStack mergers (intermediate vision features) beside the final merger.
-register(replace(FAMILIES["qwen2_vl"], name="qwen3_vl", model_types=("qwen3_vl",),
+register(replace(FAMILIES["qwen2_vl"], name="qwen3_vl", model_types=("qwen3_vl",), vllm=False,
+                 video_processor_type=None,
                  vision_module_patterns=(r"(^|\.)visual\.(?!merger|deepstack_merger_list)",),
                  projector_module_patterns=(r"(^|\.)visual\.(merger|deepstack_merger_list)\.",)))
 # Qwen3-VL-MoE (e.g. 30B-A3B): the same, with mixture-of-experts text layers.
@@ -189,7 +204,8 @@ register(Family(
 # a group like the keys/values. Packing is off: transformers' torch kernels of the causal conv1d and of the chunked
 # gated delta rule cannot keep packed rows apart (the states would run on from one row into the next), and
 # transformers refuses row boundaries (`cu_seq_lens_q`) for them without flash-linear-attention.
-register(replace(FAMILIES["qwen2_vl"], name="qwen3_5", model_types=("qwen3_5",), packing=False,
+register(replace(FAMILIES["qwen2_vl"], name="qwen3_5", model_types=("qwen3_5",), packing=False, vllm=False,
+                 video_processor_type=None,
                  packing_refusal="has linear-attention layers whose conv / recurrent states transformers' torch "
                                  "kernels cannot keep apart across packed rows"))
 register(replace(FAMILIES["qwen3_5"], name="qwen3_5_moe", model_types=("qwen3_5_moe",)))

@@ -31,10 +31,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _softcap(model: nn.Module) -> float | None:
-    config = unwrap_model(model).config
-    text = getattr(config, "text_config", config)
-    return getattr(text, "final_logit_softcapping", None)
+def logit_softcap(model: nn.Module) -> float | None:
+    """The model's final-logit soft-capping (``cap * tanh(logits / cap)``; Gemma 4), read from its text config:
+    None when the forward applies none."""
+    return getattr(unwrap_model(model).config.get_text_config(), "final_logit_softcapping", None)
 
 
 @contextmanager
@@ -52,7 +52,7 @@ def lm_head_bypassed(model: nn.Module):
     # The model's final-logit soft-capping (Gemma 4) would squash the hidden states: off inside the block, applied
     # by the projection instead (`token_logprobs_from_hidden(softcap=...)`).
     text = base.config.get_text_config()
-    cap = getattr(text, "final_logit_softcapping", None)
+    cap = logit_softcap(base)
     if cap is not None:
         text.final_logit_softcapping = None
     try:
@@ -85,7 +85,7 @@ def _model_inputs(batch: dict) -> dict:
 
 def hidden_states(model: nn.Module, batch: dict, *, keep_last: int = 0):
     """Final hidden states [B, T, H] (or the last `keep_last` positions) and the LM head module (the model's
-    soft-capping, if any, is left to the caller: `_softcap(model)`)."""
+    soft-capping, if any, is left to the caller: `logit_softcap(model)`)."""
     mask = batch.get("attention_mask")  # router rows of an MoE aux-loss capture: the real tokens (packed: all)
     with lm_head_bypassed(model) as head, model_router_loss_off(model), route_weights(mask):
         out = model(**_model_inputs(batch), use_cache=False, logits_to_keep=keep_last)
@@ -119,7 +119,7 @@ def token_logps(
     projection, bias = projection_head(head)
     logps, entropy, hits = token_logprobs_from_hidden(
         mask_flat_hidden, projection, targets, bias=bias, chunk_size=chunk_size, temperature=temperature,
-        with_entropy=with_entropy, with_hits=True, softcap=_softcap(model),
+        with_entropy=with_entropy, with_hits=True, softcap=logit_softcap(model),
     )
     full = lambda values, fill=0.0: values.new_full(mask.shape, fill).masked_scatter(mask, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None), full(hits, False)

@@ -23,6 +23,8 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin
 
+from .families import Family
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,38 +32,51 @@ logger = logging.getLogger(__name__)
 def image_only_processor_class(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """`cls` with its video slot removed, for processors whose video processor needs torchvision.
 
-    transformers derives a processor's sub-processors from its ``__init__`` signature, and which saved settings it
-    passes back on loading from the ``__init__`` code's argument names (``from_args_and_dict``), and which
-    attributes it saves from the signature (``to_dict``). The subclass's ``__init__`` is generated with the parent's
-    arguments minus ``video_processor`` (so settings such as SmolVLM's ``image_seq_len`` are saved and reloaded),
-    and calls the parent with ``video_processor=None``. ``video_processor`` then reads as a stub whose settings are
-    ``None`` (SmolVLM's ``apply_chat_template`` reads ``video_processor.num_frames`` / ``.fps`` unconditionally).
-    The subclass keeps the parent's name, so a saved ``processor_config.json`` names the real class.
+    transformers reads a processor's ``__init__`` three ways: its sub-processors (``get_attributes``) and the
+    settings ``to_dict`` saves from ``inspect.signature(cls.__init__)``, and the saved settings ``from_args_and_dict``
+    passes back on loading from the ``__init__`` code's positional argument names, handed to
+    ``cls.validate_init_kwargs``. The subclass's ``__init__`` takes ``*args, **kwargs`` and carries the parent's
+    signature minus ``video_processor`` as ``__signature__`` (so ``get_attributes`` and ``to_dict`` see it), binds
+    its arguments to that signature and calls the parent by keyword with ``video_processor=None``; its
+    ``validate_init_kwargs`` accepts that signature's names, so settings such as SmolVLM's ``image_seq_len`` are
+    reloaded. ``video_processor`` then reads as a stub whose settings are ``None`` (SmolVLM's
+    ``apply_chat_template`` reads ``video_processor.num_frames`` / ``.fps`` unconditionally). The subclass keeps the
+    parent's name, so a saved ``processor_config.json`` names the real class.
     """
-    params = inspect.signature(cls.__init__).parameters
-    if "video_processor" not in params:
+    parent = inspect.signature(cls.__init__)
+    if "video_processor" not in parent.parameters:
         return cls
-    names, defaults = [], {}
-    for name, param in list(params.items())[1:]:
-        if name == "video_processor" or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
-            continue
-        names.append(name)
-        defaults[name] = None if param.default is inspect.Parameter.empty else param.default
-    arglist = ", ".join(f"{n}=_defaults[{n!r}]" for n in names)
-    passed = ", ".join(f"{n}={n}" for n in names)
-    source = (
-        f"def __init__(self, {arglist}, **kwargs):\n"
-        f"    _parent.__init__(self, {passed}, video_processor=None, **kwargs)\n"
-    )
-    namespace = {"_parent": cls, "_defaults": defaults}
-    exec(source, namespace)  # noqa: S102 - generated from the parent's own parameter names
+    signature = parent.replace(parameters=[p for n, p in parent.parameters.items() if n != "video_processor"])
+    settings = tuple(n for n, p in list(signature.parameters.items())[1:]
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = {n: v for n, v in bound.arguments.items() if n != "self"}
+        extra = {}
+        for n, p in signature.parameters.items():
+            if p.kind is p.VAR_KEYWORD:
+                extra = named.pop(n, {})
+            elif p.kind is p.VAR_POSITIONAL:
+                raise TypeError(f"{cls.__name__}: a processor taking *{n} is not supported without its video slot")
+        cls.__init__(self, **named, **extra, video_processor=None)
+
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{cls.__name__}.__init__"
+
+    def validate_init_kwargs(processor_config, valid_kwargs):
+        # `valid_kwargs` comes from `__init__.__code__`, whose only named argument is `self`: use the signature's.
+        return ProcessorMixin.validate_init_kwargs(processor_config, settings)
+
     attrs = {
-        "__init__": namespace["__init__"], "__module__": cls.__module__, "__doc__": cls.__doc__,
+        "__init__": __init__, "__module__": cls.__module__, "__doc__": cls.__doc__,
+        "validate_init_kwargs": staticmethod(validate_init_kwargs),
         # A class attribute: read when the instance has none; never saved (`to_dict` reads the instance's dict).
         "video_processor": SimpleNamespace(num_frames=None, fps=None),
     }
     # Processors that hand `video_processor=...` to ProcessorMixin by keyword (Gemma 4) would be refused there (the
-    # generated signature has no such slot): `_NoVideoSlot` sits between them and ProcessorMixin and drops it.
+    # subclass's signature has no such slot): `_NoVideoSlot` sits between them and ProcessorMixin and drops it.
     return type(cls.__name__, (cls, _NoVideoSlot), attrs)
 
 
@@ -143,15 +158,14 @@ def check_model_folder(path: str | os.PathLike) -> None:
             f"AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=False).save_pretrained(new_folder)")
 
 
-def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike) -> None:
-    """`processor.save_pretrained`, plus the video-processor config that processors declaring one (Qwen2-VL,
-    Qwen2.5-VL, SmolVLM) need for plain `AutoProcessor.from_pretrained` where torchvision is installed. Without
-    torchvision the video processor cannot be instantiated, so its config is written from the image processor's."""
+def save_processor(processor: ProcessorMixin, out_dir: str | os.PathLike, family: Family | None = None) -> None:
+    """`processor.save_pretrained`, plus the video-processor config that the processors of some families
+    (`Family.video_processor_type`: Qwen2-VL, Qwen2.5-VL, SmolVLM) need for plain `AutoProcessor.from_pretrained`
+    where torchvision is installed. Without torchvision the video processor cannot be instantiated, so its config is
+    written from the image processor's."""
     out = Path(out_dir)
     processor.save_pretrained(out)
-    names = {"Qwen2VLProcessor": "Qwen2VLVideoProcessor", "Qwen2_5_VLProcessor": "Qwen2VLVideoProcessor",
-             "SmolVLMProcessor": "SmolVLMVideoProcessor"}
-    video_type = names.get(type(processor).__name__)
+    video_type = family.video_processor_type if family is not None else None
     if video_type is None or "video_processor" in vars(processor):  # a real video processor saved its own config
         return
     keys = ("patch_size", "merge_size", "temporal_patch_size", "size", "image_mean", "image_std", "do_resize",

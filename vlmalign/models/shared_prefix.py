@@ -51,7 +51,7 @@ from transformers.cache_utils import LinearAttentionCacheLayerMixin
 from ..losses.logprobs import token_logprobs_from_hidden
 from .families import Family, get_family
 from .moe import model_router_loss_off, route_weights
-from .forward import _softcap, lm_head_bypassed, projection_head, rope_index_fn, token_logps, unwrap_model
+from .forward import lm_head_bypassed, logit_softcap, projection_head, rope_index_fn, token_logps, unwrap_model
 from .prefix_cache import ExpandedPrefixCache, PromptCache, cache_through_checkpoints, custom_checkpoint_function
 
 logger = logging.getLogger(__name__)
@@ -186,9 +186,6 @@ def mrope_positions(model: nn.Module, family: Family, prompt_batch: dict, comple
 def shared_prefix_unsupported(model: nn.Module) -> str | None:
     """Why the shared-prefix path cannot run on this model now (None when it can)."""
     base = unwrap_model(model)
-    family = get_family(base)
-    if not family.shared_prefix:
-        return f"family {family.name} does not support shared-prefix forwards"
     custom = custom_checkpoint_function(base)
     if custom is not None and base.training and torch.is_grad_enabled():
         return f"gradient checkpointing runs through a custom function ({custom}) that may be reentrant"
@@ -264,7 +261,7 @@ def shared_prefix_logps(
     projection, bias = projection_head(head)
     logps, entropy = token_logprobs_from_hidden(hidden[scored], projection, completion_ids[scored], bias=bias,
                                                 chunk_size=chunk_size, temperature=temperature,
-                                                with_entropy=with_entropy, softcap=_softcap(model))
+                                                with_entropy=with_entropy, softcap=logit_softcap(model))
     full = lambda values: values.new_zeros(scored.shape).masked_scatter(scored, values)  # noqa: E731
     return full(logps), (full(entropy) if entropy is not None else None)
 

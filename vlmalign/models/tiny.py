@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
-from .families import get_family
+from .families import IDEFICS_IMAGE_TOKENS, get_family
 from .loading import image_only_processor_class, save_processor
 from .tokenizer import build_tokenizer
 from .vocabulary import TASK_WORDS
@@ -251,10 +251,6 @@ def _llama_text_config(size: str, tok, *, bos: str | None, eos: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ Idefics3 and SmolVLM
 
-# Every token the Idefics3 / SmolVLM processors emit around an image: the placeholder, the block wrapper, the
-# global-image tag and the row/column markers of split images (<row_1_col_1> ... <row_6_col_6>).
-_IDEFICS_ROW_COL = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-_IDEFICS_IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", *_IDEFICS_ROW_COL]
 
 
 def _idefics(size: str, words, *, smolvlm: bool) -> Built:
@@ -266,7 +262,7 @@ def _idefics(size: str, words, *, smolvlm: bool) -> Built:
         # the tokenizer adds no BOS; eos <end_of_utterance>, pad <|im_end|>, unk <|endoftext|>. SigLIP 16 px
         # patches, pixel shuffle 4: 512 px tiles of 64 tokens; scaled: 128 px tiles of (128/16)^2/4^2 = 4 tokens.
         tok = build_tokenizer(
-            ["<|im_end|>", eos, *_IDEFICS_IMAGE_TOKENS], eos_token=eos, pad_token="<|im_end|>",
+            ["<|im_end|>", eos, *IDEFICS_IMAGE_TOKENS], eos_token=eos, pad_token="<|im_end|>",
             bos_token="<|im_start|>", unk_token="<|endoftext|>", extra_words=words,
             chat_template=official_template("smolvlm"), extra_special=extra,
         )
@@ -277,7 +273,7 @@ def _idefics(size: str, words, *, smolvlm: bool) -> Built:
         # adds BOS too (never two: see data/supervision.py); pads left. SigLIP 14 px patches, pixel shuffle 2:
         # 364 px tiles of 169 tokens; scaled: 56 px tiles of (56/14)^2/2^2 = 4 tokens.
         tok = build_tokenizer(
-            ["<|reserved_special_token_0|>", eos, *_IDEFICS_IMAGE_TOKENS], eos_token="<|end_of_text|>",
+            ["<|reserved_special_token_0|>", eos, *IDEFICS_IMAGE_TOKENS], eos_token="<|end_of_text|>",
             pad_token="<|reserved_special_token_0|>", bos_token="<|begin_of_text|>", extra_words=words,
             chat_template=official_template("idefics3"), extra_special=extra, add_bos=True, padding_side="left",
         )
@@ -453,5 +449,5 @@ def make_tiny_model(family: str, size: str = "tiny", out_dir: str | os.PathLike 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    save_processor(processor, out)
+    save_processor(processor, out, get_family(family))
     return out

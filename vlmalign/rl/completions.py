@@ -36,21 +36,14 @@ def forward_batch(encoder: Encoder, rows: list[dict], completion_ids: torch.Tens
     return append_completions(prompts, completion_ids.to(device), completion_mask.to(device), encoder)
 
 
-def encode_prompts(encoder: Encoder, rows: list[dict], device: torch.device | str | None = None) -> dict:
-    """Left-padded generation prompts of `rows` with their vision tensors [B, P] (on `device`)."""
-    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
-                             add_generation_prompt=True, with_labels=False)
-    return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
-
-
 def prompt_batch(encoder: Encoder, rows: list[dict], positions: list[int], device: torch.device | str | None,
                  encoded: tuple[dict, torch.Tensor] | None = None) -> dict:
     """The generation prompts of `rows[positions]`, one row each. With `encoded` = (the prompts generation encoded,
     each distinct prompt once [U, P]; each row's index there [len(rows)]) they are selected from it (a tensor
     gather, no processor run) and their left padding cut to the longest selected prompt: the same tensors as
-    `encode_prompts` on those rows. Otherwise the processor runs (`encode_prompts`)."""
+    `Encoder.encode_prompts` on those rows. Otherwise the processor runs."""
     if encoded is None:
-        return encode_prompts(encoder, [rows[i] for i in positions], device)
+        return encoder.encode_prompts([rows[i] for i in positions], device)
     unique, index = encoded
     picked = index.to(unique["input_ids"].device)[torch.as_tensor(positions, dtype=torch.long)]
     batch = select_prompt_rows(unique, picked, encoder.family, encoder.image_token_id)

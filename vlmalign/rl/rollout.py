@@ -136,18 +136,15 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    encode = lambda rs: {k: v.to(device) for k, v in encoder.encode(  # noqa: E731
-        [r["prompt"] for r in rs], [r["images"] for r in rs],
-        padding_side="left", add_generation_prompt=True, with_labels=False).items()}
     was_training = base.training
     base.eval()
     try:
         share = shared_prefix and len(unique) < len(rows) and shared_prefix_unsupported(base) is None
         if share:
-            unique_inputs = encode(unique)
+            unique_inputs = encoder.encode_prompts(unique, device)
             inputs, repeated = prefill_shared_cache(base, unique_inputs, index), None
         else:
-            inputs = repeated = encode(rows)
+            inputs = repeated = encoder.encode_prompts(rows, device)
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         with model_router_loss_off(base):  # its aux loss would fail on the cached prompt's mask

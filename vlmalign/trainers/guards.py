@@ -125,20 +125,20 @@ class NonFiniteGuard:
 
 
 class GuardMixin:
-    """The guard's hooks in `VLMTrainer`: the loss of every micro-batch is recorded, and the check runs once per
-    optimizer step, before clipping (from `_clip_grad_norm`, or `_get_grad_norm` when there is no clipping:
-    private Trainer seams, listed in vlmalign/compat.py)."""
+    """The guard's hooks in `VLMTrainer`, on public seams: `training_step` records the loss of every micro-batch
+    and, after the backward of the accumulation's last one (``accelerator.sync_gradients``, which Trainer sets per
+    micro-batch; fenced in vlmalign/compat.py), runs the check: the gradients are complete there, and Trainer has
+    neither clipped them nor stepped the optimizer. `log` reports a skipped step's non-finite gradient norm."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._guard.record_loss(loss)  # checked at the optimizer step (one sync per step)
+        if self.accelerator.sync_gradients:  # the last micro-batch before clipping and optimizer.step()
+            self._check_before_optimizer_step()
         return loss
 
     def _check_before_optimizer_step(self) -> None:
         """Run the non-finite guard once per optimizer step, before clipping; raise or drop the step's gradients."""
-        if self._guard_checked:
-            return
-        self._guard_checked = True
         # Under fp16 a GradScaler skips steps with inf/NaN gradients (and lowers its scale) by design: only the
         # loss is checked then.
         check_grads = getattr(self.accelerator, "scaler", None) is None
@@ -163,8 +163,9 @@ class GuardMixin:
 
     def _drop_gradients(self) -> None:
         """Make the coming optimizer.step() a no-op: optimizers leave parameters without a gradient untouched
-        (moments, step counts and weight decay included). Under a GradScaler, fill them with NaN instead: the
-        scaler then skips the step itself (it asserts that it saw gradients)."""
+        (moments, step counts and weight decay included); Trainer's clipping then sees no gradient. Under a
+        GradScaler, fill them with NaN instead: the scaler then skips the step itself (it asserts that it saw
+        gradients)."""
         scaler = getattr(self.accelerator, "scaler", None)
         params = list(self.model.parameters())
         if self.optimizer is not None:
@@ -176,20 +177,10 @@ class GuardMixin:
                 else:
                     param.grad = None
 
-    def _clip_grad_norm(self, model):
-        self._check_before_optimizer_step()
-        if self._guard_verdict is not None:  # skipped step: nothing to clip
-            return torch.tensor(self._guard_verdict.grad_norm)
-        return super()._clip_grad_norm(model)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        self._check_before_optimizer_step()  # no-op when _clip_grad_norm ran it
-        verdict, self._guard_checked, self._guard_verdict = self._guard_verdict, False, None
-        if verdict is not None:
-            return verdict.grad_norm
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._guard_verdict is not None and "grad_norm" in logs:
+            # The last step was skipped: Trainer measured the dropped gradients; report the non-finite norm.
+            logs = {**logs, "grad_norm": self._guard_verdict.grad_norm}
         if self._guard.policy == "skip" and ("loss" in logs or "train_loss" in logs):
             logs = {**logs, "nonfinite_skipped": self._guard.skipped}
         super().log(logs, start_time)

@@ -110,7 +110,7 @@ class SavingMixin:
             os.remove(pickled)
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
-        save_processor(self.processing_class, output_dir)
+        save_processor(self.processing_class, output_dir, self.family)
         stale = [name for name in PICKLE_WEIGHT_FILES if os.path.exists(os.path.join(output_dir, name))]
         if stale:  # transformers 5 writes safetensors only: these come from an earlier run in the same directory
             logger.warning("%s holds pickle weight files not written by this save: %s", output_dir, stale)
