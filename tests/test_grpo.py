@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import learning_utils
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -466,20 +467,8 @@ def test_two_processes_match_one(tiny_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def sft_start(tiny_model_dir, tmp_path_factory):
     """The tiny Qwen2-VL after 40 SFT steps (bs 32, lr 3e-3): held-out greedy accuracy about 0.3-0.6."""
-    from vlmalign.trainers.sft import SFTConfig, SFTTrainer
-
-    path = tiny_model_dir("qwen2_vl")
-    processor = load_processor(path)
-    out = tmp_path_factory.mktemp("sft40")
-    args = SFTConfig(output_dir=str(out), max_steps=40, per_device_train_batch_size=32, learning_rate=3e-3,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=10, adam_beta2=0.99, weight_decay=0.0,
-                     max_grad_norm=1.0, save_strategy="no", logging_steps=40, seed=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=str(path), args=args, train_dataset=make_dataset("color", "sft", n=2000, seed=0),
-                         processing_class=processor)
-    trainer.train()
-    trainer.save_model(str(out))
-    test = make_dataset("color", "prompt", n=200, seed=0, split="test")
-    start = evaluate(trainer.model, processor, test, max_new_tokens=6).accuracy
+    out, processor, test, start = learning_utils.sft_start(tiny_model_dir("qwen2_vl"), tmp_path_factory.mktemp("sft40"),
+                                                         40)
     assert 0.25 <= start <= 0.65, start
     return out, processor, test, start
 

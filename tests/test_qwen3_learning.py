@@ -7,14 +7,13 @@ docstring."""
 
 from __future__ import annotations
 
+import learning_utils
 import pytest
 from transformers import AutoModelForImageTextToText
 
 from vlmalign.data.synthetic import make_dataset
 from vlmalign.eval.evaluate import evaluate
-from vlmalign.models.loading import load_processor
 from vlmalign.trainers.grpo import GRPOConfig, GRPOTrainer
-from vlmalign.trainers.sft import SFTConfig, SFTTrainer
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 GAIN = 0.15
@@ -22,18 +21,8 @@ GAIN = 0.15
 
 @pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
 def sft_start(request, tiny_model_dir, tmp_path_factory):
-    path = tiny_model_dir(request.param)
-    processor = load_processor(path)
-    out = tmp_path_factory.mktemp(f"sft50_{request.param}")
-    args = SFTConfig(output_dir=str(out), max_steps=50, per_device_train_batch_size=32, learning_rate=3e-3,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=10, adam_beta2=0.99, weight_decay=0.0,
-                     max_grad_norm=1.0, save_strategy="no", logging_steps=50, seed=0, disable_tqdm=True)
-    trainer = SFTTrainer(model=str(path), args=args, train_dataset=make_dataset("color", "sft", n=2000, seed=0),
-                         processing_class=processor)
-    trainer.train()
-    trainer.save_model(str(out))
-    test = make_dataset("color", "prompt", n=200, seed=0, split="test")
-    start = evaluate(trainer.model, processor, test, max_new_tokens=6).accuracy
+    out, processor, test, start = learning_utils.sft_start(tiny_model_dir(request.param),
+                                                         tmp_path_factory.mktemp(f"sft50_{request.param}"), 50)
     print(f"{request.param}: SFT start held-out greedy accuracy {start:.3f}")
     assert 0.25 <= start <= 0.6, start        # learned something, with room for RL to show a gain
     return request.param, out, processor, test, start
