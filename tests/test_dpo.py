@@ -70,6 +70,9 @@ def _perturb(model, scale=0.02, seed=0):
 
 
 def _batch(trainer, n=4):
+    """The trainer's batch with the plain 2B-row form added (the hand computations below run full sequences; the
+    trainer itself reads the shared-prefix form when there is one)."""
+    trainer.data_collator.full_form = True
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
