@@ -166,6 +166,9 @@ class PreferenceCollator:
     def shared_form(self, rows: list[dict], convs: list[list[dict]], starts: list[int]) -> dict | None:
         """The shared-prefix form with each row's images processed once (with its prompt), or None."""
         enc = self.encoder
+        if any(b.get("type") == "image" for r in rows for m in r["chosen"] + r["rejected"]
+               for b in (m["content"] if isinstance(m["content"], list) else ())):
+            return None  # an image inside an answer: the answers are not image-free continuations
         text = enc.encode_text(convs, supervise_from=starts)
         text_prompts = enc.encode_text([r["prompt"] for r in rows], add_generation_prompt=True, padding_side="left")
         shared = split_completions(text, text_prompts)
