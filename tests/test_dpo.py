@@ -70,6 +70,9 @@ def _perturb(model, scale=0.02, seed=0):
 
 
 def _batch(trainer, n=4):
+    """The trainer's batch with the plain 2B-row form added (the hand computations below run full sequences; the
+    trainer itself reads the shared-prefix form when there is one)."""
+    trainer.data_collator.full_form = True
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
 
@@ -443,7 +446,8 @@ def test_padding_free_loss_and_gradients_equal_shared_prefix(tmp_path, family, c
                 p.add_(0.01 * torch.randn_like(p))
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
         assert ("shared" in batch) != padding_free
-        assert (batch["attention_mask"] == 0).any()
+        padding = batch["shared"]["completion_mask"] if "shared" in batch else batch["attention_mask"]
+        assert (padding == 0).any()
         trainer.model.zero_grad()
         with caplog.at_level(logging.INFO, logger="vlmalign.trainers.dpo"):
             loss = trainer.compute_loss(trainer.model, batch)

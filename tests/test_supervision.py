@@ -145,11 +145,53 @@ def test_preference_rows_answers_only(encoders, family, method):
     row = normalize_row({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}],
                          "chosen": "<answer>red</answer>", "rejected": "<answer>green</answer>", "images": [_img()]},
                         "preference")
-    batch = PreferenceCollator(encoder, shared_prefix=method == "mpo")([row])
+    batch = PreferenceCollator(encoder, shared_prefix=method == "mpo", full_form=True)([row])
     _check_spans(encoder, family, batch, 0, ["<answer>red</answer>"])
     _check_spans(encoder, family, batch, 1, ["<answer>green</answer>"])
     if "shared" in batch:  # the shared-prefix form supervises the same tokens
         assert int(batch["shared"]["completion_mask"].sum()) == int((batch["labels"] != -100).sum())
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_shared_preference_batch_processes_each_image_once(encoders, family, monkeypatch):
+    """On the shared-prefix path the processor sees each row's images once (with its prompt), and the batch is
+    tensor for tensor the shared form cut from the plain 2B-row batch (the previous collator: images processed for
+    chosen, rejected, each answer's supervision prefix and the prompt); families whose generation prompt is not a
+    prefix of the conversation get exactly the plain batch."""
+    from vlmalign.data.collate import split_completions
+
+    _, encoder = encoders(family)
+    rows = [normalize_row({"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                           "chosen": c, "rejected": r, "images": [_img(color)]}, "preference")
+            for q, c, r, color in (("what color ?", "<answer>red</answer>", "<answer>green, surely</answer>", "red"),
+                                   ("name the color of this square please", "<answer>blue</answer>", "no", "blue"))]
+    convs = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
+    images, starts = [r["images"] for r in rows] * 2, [1, 1] * 2
+    plain = encoder.encode(convs, images, supervise_from=starts)
+    prompts = encoder.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
+                             add_generation_prompt=True, with_labels=False)
+    expected = split_completions(plain, prompts)
+    seen = []
+    processor_call = type(encoder.processor).__call__
+
+    def counting(self, *args, images=None, **kwargs):
+        seen.append(sum(len(im) for im in images or []))
+        return processor_call(self, *args, images=images, **kwargs)
+
+    monkeypatch.setattr(type(encoder.processor), "__call__", counting)
+    batch = PreferenceCollator(encoder, shared_prefix=True)(rows)
+    if expected is None:  # fallback: the plain batch, as before
+        assert set(batch) == set(plain)
+        for key in plain:
+            torch.testing.assert_close(batch[key], plain[key], rtol=0, atol=0)
+        return
+    assert set(batch) == {"shared"} and sum(seen) == len(rows), seen  # one image per row, processed once
+    got = batch["shared"]
+    for key in ("completion_ids", "completion_mask", "prompt_index"):
+        assert torch.equal(got[key], expected[key]), key
+    assert set(got["prompt_inputs"]) == set(expected["prompt_inputs"])
+    for key, value in expected["prompt_inputs"].items():
+        assert torch.equal(got["prompt_inputs"][key], value), key
 
 
 def test_onevision_style_generation_prompt_that_is_not_a_prefix(encoders):

@@ -81,6 +81,7 @@ def test_dpo_sigmoid_matches_trl(tiny_model_dir, tmp_path):
     reference = AutoModelForImageTextToText.from_pretrained(path).eval()
     model.eval()
     with torch.no_grad():
+        ours.data_collator.full_form = True  # + the plain 2B rows, which this test runs; the loss reads the shared form
         batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
         tbatch = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])
         assert torch.equal(tbatch["input_ids"], batch["input_ids"])

@@ -71,16 +71,32 @@ class Encoder:
         batch = sup.tokenize(texts, images, padding_side=padding_side)
         self.fix_token_types(batch)
         if with_labels:
-            starts = supervise_from or [0] * len(convs)
-            spans = sup.spans(convs, images, batch["input_ids"], batch["attention_mask"], starts)
-            mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-            for i, row_spans in enumerate(spans):
-                for a, b in row_spans:
-                    mask[i, a:b] = True
-            mask &= ~torch.isin(batch["input_ids"], self.vision_token_ids)
-            batch["labels"] = torch.where(mask, batch["input_ids"], IGNORE_INDEX)
+            self._add_labels(batch, convs, images, supervise_from)
         return batch
 
+    def _add_labels(self, batch: dict, convs: list[list[dict]], images, supervise_from, text_only: bool = False):
+        starts = supervise_from or [0] * len(convs)
+        spans = self.supervisor.spans(convs, images, batch["input_ids"], batch["attention_mask"], starts,
+                                      text_only=text_only)
+        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        for i, row_spans in enumerate(spans):
+            for a, b in row_spans:
+                mask[i, a:b] = True
+        mask &= ~torch.isin(batch["input_ids"], self.vision_token_ids)
+        batch["labels"] = torch.where(mask, batch["input_ids"], IGNORE_INDEX)
+
+    def encode_text(self, conversations: list[list[dict]], *, supervise_from: list[int] | None = None,
+                    add_generation_prompt: bool = False, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """`encode` through the tokenizer alone: image placeholders unexpanded, no image processed, no vision
+        tensors. The tokens after a conversation's last image are those `encode` gives (the processor only
+        expands the placeholders); the shared-prefix preference form takes its answers from here."""
+        convs = [_typed(c) for c in conversations]
+        sup = self.supervisor
+        batch = sup.tokenize_text([sup.render(c, add_generation_prompt) for c in convs], padding_side=padding_side)
+        batch.pop("token_type_ids", None)
+        if supervise_from is not None:
+            self._add_labels(batch, convs, [[] for _ in convs], supervise_from, text_only=True)
+        return batch
 
     def encode_prompts(self, rows: list[dict], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The generation prompts of prompt rows (`prompt` + `images`), left-padded, with their vision tensors
@@ -89,6 +105,7 @@ class Encoder:
         prompts = self.encode([r["prompt"] for r in rows], [r["images"] for r in rows], padding_side="left",
                               add_generation_prompt=True, with_labels=False)
         return {k: v.to(device) for k, v in prompts.items()} if device is not None else prompts
+
     def fix_token_types(self, batch: dict) -> None:
         """Rebuild the family's token-type ids from the ids themselves (1 at image placeholders)."""
         key = self.family.token_type_key
@@ -122,29 +139,50 @@ class PreferenceCollator:
     """Normalised preference rows -> one batch of 2B rows: [prompt+chosen_1..B, prompt+rejected_1..B].
 
     Each row's images go with that row into the processor for both its chosen and its rejected sequence, so a
-    pixel tensor can never be paired with another row's answer. Labels cover the answer turns only."""
+    pixel tensor can never be paired with another row's answer. Labels cover the answer turns only.
+
+    With `shared_prefix`, the batch is only `{"shared": ...}` (`split_completions`' form) whenever the chat
+    template allows it: each row's prompt and images go through the processor once, and the 2B answers are cut
+    from the conversations tokenised without their images (`Encoder.encode_text`; the answers follow every
+    image). Otherwise (a generation prompt that is not a prefix of the conversation: Gemma 4, LLaVA-OneVision)
+    the plain 2B-row form. `full_form=True` adds the plain form to the shared one (tests, benchmarks)."""
 
     encoder: Encoder
 
     shared_prefix: bool = False
+    full_form: bool = False
     _fallback_logged: bool = field(default=False, init=False, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         convs = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
         images = [r["images"] for r in rows] * 2
         starts = [len(r["prompt"]) for r in rows] * 2
-        batch = self.encoder.encode(convs, images, supervise_from=starts)
         if self.shared_prefix:
-            prompts = self.encoder.encode_prompts(rows)
-            shared = split_completions(batch, prompts)
-            if shared is not None:
-                batch["shared"] = shared
-            elif not self._fallback_logged:
+            shared = self.shared_form(rows, convs, starts)
+            if shared is not None and not self.full_form:
+                return {"shared": shared}
+            if shared is None and not self._fallback_logged:
                 self._fallback_logged = True
                 logger.info("shared-prefix preference batch unavailable: the chat template's generation prompt is not "
                             "a prefix of the rendered conversation (e.g. Gemma 4's empty thought channel, "
                             "LLaVA-OneVision's 'assistant \\n'); running the chosen and rejected rows in full")
+        batch = self.encoder.encode(convs, images, supervise_from=starts)
+        if self.shared_prefix and shared is not None:
+            batch["shared"] = shared
         return batch
+
+    def shared_form(self, rows: list[dict], convs: list[list[dict]], starts: list[int]) -> dict | None:
+        """The shared-prefix form with each row's images processed once (with its prompt), or None."""
+        enc = self.encoder
+        if any(b.get("type") == "image" for r in rows for m in r["chosen"] + r["rejected"]
+               for b in (m["content"] if isinstance(m["content"], list) else ())):
+            return None  # an image inside an answer: the answers are not image-free continuations
+        text = enc.encode_text(convs, supervise_from=starts)
+        text_prompts = enc.encode_text([r["prompt"] for r in rows], add_generation_prompt=True, padding_side="left")
+        shared = split_completions(text, text_prompts)
+        if shared is not None:
+            shared["prompt_inputs"] = enc.encode_prompts(rows)
+        return shared
 
 
 def split_completions(full: dict[str, torch.Tensor], prompts: dict[str, torch.Tensor]) -> dict | None:

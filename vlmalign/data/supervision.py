@@ -140,6 +140,16 @@ class Supervisor:
                              return_tensors="pt")
         return dict(out)
 
+    def tokenize_text(self, texts: list[str], *, padding_side: str = "right") -> dict:
+        """The tokenizer alone on rendered texts: image placeholders stay unexpanded and no image is processed
+        (for tokens that follow every image, e.g. a preference answer after its prompt). Same BOS rule as
+        `tokenize`."""
+        tokenizer = self.processor.tokenizer
+        bos = tokenizer.bos_token
+        add_special = not (bos and texts and texts[0].startswith(bos))
+        return dict(tokenizer(texts, padding=True, padding_side=padding_side, add_special_tokens=add_special,
+                              return_tensors="pt"))
+
     def dropped_text(self, conversation: list[dict]) -> str | None:
         """Why the template loses part of `conversation` (a message whose text it does not render), or None."""
         text = _squash(self._raw(conversation, False))
@@ -154,12 +164,14 @@ class Supervisor:
     # ----------------------------------------------------------------------------------------------- supervision
 
     def spans(self, conversations: list[list[dict]], images: list[list], row_ids: torch.Tensor,
-              row_mask: torch.Tensor, supervise_from: list[int]) -> list[list[tuple[int, int]]]:
+              row_mask: torch.Tensor, supervise_from: list[int], *, text_only: bool = False
+              ) -> list[list[tuple[int, int]]]:
         """Supervised token spans [start, end) (in padded coordinates) of each row's supervised assistant turns.
 
         `row_ids` / `row_mask` are the batch's padded ids and attention mask of the *whole* conversations (as
         returned by `tokenize(render(...))`); an assistant turn at message index >= `supervise_from[i]` is
-        supervised. Raises `SupervisionError` (with `.row` = batch row) when a turn yields no span."""
+        supervised. With `text_only` the rows were tokenised by `tokenize_text` and so are the prefixes (no image
+        processed). Raises `SupervisionError` (with `.row` = batch row) when a turn yields no span."""
         jobs, owners = [], []
         for i, conversation in enumerate(conversations):
             for t, message in enumerate(conversation):
@@ -170,7 +182,8 @@ class Supervisor:
         out: list[list[tuple[int, int]]] = [[] for _ in conversations]
         if not jobs:
             return out
-        prefixes = self.tokenize([j[0] for j in jobs], [j[1] for j in jobs])
+        prefixes = (self.tokenize_text([j[0] for j in jobs]) if text_only
+                    else self.tokenize([j[0] for j in jobs], [j[1] for j in jobs]))
         decode = self.processor.tokenizer.decode
         rows = {}
         for (i, t), p_ids, p_mask in zip(owners, prefixes["input_ids"], prefixes["attention_mask"]):

@@ -1,7 +1,9 @@
 """Direct preference optimisation of a VLM: DPO and its family (IPO, hinge, robust, BCO, ..., MPO).
 
 One batch of 2B rows `[prompt+chosen_1..B, prompt+rejected_1..B]` (each row with its own images, see
-`PreferenceCollator`) goes through the policy once and through the reference once. Per-sequence log-probs are the
+`PreferenceCollator`) goes through the policy once and through the reference once; by default in its shared-prefix
+form only (each prompt and its images processed and run once for both answers), the plain 2B rows where the chat
+template or `padding_free` rules that out. Per-sequence log-probs are the
 sum of token log-probs over the answer tokens, computed at those positions only (never [B, T, V] logits). The loss is
 `vlmalign.losses.preference.combined_preference_loss` (a weighted sum of batch-mean losses; MPO is
 `MPO_PRESET`). The BCO reward shift (running mean of the implicit rewards, gathered across processes) is updated
