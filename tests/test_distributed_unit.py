@@ -6,8 +6,8 @@ import torch
 
 from vlmalign import SFTConfig, SFTTrainer
 from vlmalign.data.synthetic import make_dataset
-from vlmalign.distributed import cpu_engines
-from vlmalign.distributed.saved import missing_saved_files
+from vlmalign.trainers.engines import cpu_engines
+from vlmalign.trainers.engines.saved import missing_saved_files
 from vlmalign.models import vision_balance
 from vlmalign.models.families import family_names, get_family
 from vlmalign.models.forward import unwrap_model

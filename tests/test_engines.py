@@ -4,7 +4,7 @@ Each cell is one `accelerate launch` of 2 CPU processes (gloo) running SFT, DPO,
 (and DPO with precomputed reference log-probs, sharded across the processes)
 on the tiny Qwen2-VL, 2 optimizer steps each, with the shipped accelerate configs of examples/accelerate
 (`--num_processes 2 --mixed_precision no` on top). vlmalign engages FSDP / DeepSpeed on a CPU-only machine itself
-(vlmalign.distributed.cpu_engines); each cell checks that the engine it asked for is the one that ran. The data put
+(vlmalign.trainers.engines.cpu_engines); each cell checks that the engine it asked for is the one that ran. The data put
 only text rows on one process at the first step, so every cell also covers a process without images.
 
 Checked against the one-process run with the same global batch and seed: every logged loss (relative 1e-5, with

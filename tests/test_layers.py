@@ -4,9 +4,9 @@ Every module of `vlmalign/` is read with `ast` (imports inside functions include
 much as a top-level one) and each import of another vlmalign package is checked against the layer order written
 in README.md's architecture section:
 
-    losses, distributed, rewards, compat  <  models  <  data  <  rl  <  eval  <  trainers  <  recipes  <  cli
+    losses, rewards, compat  <  models  <  data  <  rl  <  eval  <  trainers  <  recipes  <  cli
 
-The bottom four import no other vlmalign package (not even each other). A module may import anything in its own
+The bottom three import no other vlmalign package (not even each other). A module may import anything in its own
 package and anything in a lower layer; `vlmalign/__init__.py` re-exports lazily from every layer and is not checked.
 """
 
@@ -22,7 +22,7 @@ PACKAGE = ROOT / "vlmalign"
 
 # package (first name under vlmalign) -> layer; equal layers in different packages may not import each other
 LAYERS = {
-    "losses": 0, "distributed": 0, "rewards": 0, "compat": 0,
+    "losses": 0, "rewards": 0, "compat": 0,
     "models": 1,
     "data": 2,
     "rl": 3,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .distributed.saved import missing_saved_files
+from .trainers.engines.saved import missing_saved_files
 
 
 @dataclass

@@ -95,8 +95,8 @@ MEMBERS: tuple[Member, ...] = (
            phrase="cls.validate_init_kwargs("),
     # accelerate
     Member("accelerate.state:PartialState", "_prepare_backend", "method",
-           "distributed/cpu_engines.py (FSDP2 / DeepSpeed on gloo for CPU tests)", ("cpu", "sagemaker_dp", "backend")),
-    Member("accelerate.state:PartialState", "_shared_state", "attribute", "distributed/cpu_engines.py"),
+           "trainers/engines/cpu_engines.py (FSDP2 / DeepSpeed on gloo for CPU tests)", ("cpu", "sagemaker_dp", "backend")),
+    Member("accelerate.state:PartialState", "_shared_state", "attribute", "trainers/engines/cpu_engines.py"),
 )
 
 

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..distributed.once import on_main_process
+from .once import on_main_process
 from .collate import Encoder, SequenceTooLongError
 from .formats import DataValidationError, RowError, normalize_row, validate_dataset
 from .supervision import SupervisionError

@@ -23,8 +23,8 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from ..data.collate import Encoder
 from ..data.dataset import prepare_rows
 from ..data.sources import shuffled, source_rows
-from ..distributed import clean_exit, cpu_engines
-from ..distributed.checks import check_engine
+from .engines import clean_exit, cpu_engines
+from .engines.checks import check_engine
 from ..models import vision_balance
 from ..models.forward import unwrap_model
 from ..models.loading import load_processor

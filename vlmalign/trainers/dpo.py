@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 
 from ..data.collate import PreferenceCollator
 from ..data.formats import _column_names
-from ..distributed.gather import is_zero3_partitioned
+from .engines.gather import is_zero3_partitioned
 from ..losses.preference import PREFERENCE_LOSSES, RunningMeanDelta, combined_preference_loss, dpo_reward_metrics
 from ..models.packing import packing_unsupported
 from .base import BaseConfig, VLMTrainer

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import gather_object
 
-from ..distributed.gather import gathered_for_generation
+from .engines.gather import gathered_for_generation
 from ..losses.policy import IMPORTANCE_SAMPLING_LEVELS, POLICY_LOSS_TYPES, TOKEN_NORMALISED_LOSS_TYPES, policy_loss
 from ..models import vision_balance
 from ..models.forward import unwrap_model

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..distributed.gather import fsdp2_modules, is_zero3_partitioned
-from ..distributed.reference import deepspeed_stage, zero3_inference_engine
+from .engines.gather import fsdp2_modules, is_zero3_partitioned
+from .engines.reference import deepspeed_stage, zero3_inference_engine
 from ..losses.logprobs import IGNORE_INDEX
 from ..models.forward import strip_engine_wrappers, token_logps
 from ..models.packing import packed_sequence_logps, packing_unsupported
@@ -64,7 +64,7 @@ def make_reference_model(
 
     With an `accelerator`, the model is placed with `accelerator.prepare_model(..., evaluation_mode=True)` (device
     placement; never DDP, which the reference does not need); under FSDP2 it is sharded like the policy, under
-    ZeRO-3 it gets a DeepSpeed inference engine of its own (partitioned, `vlmalign.distributed.reference`)."""
+    ZeRO-3 it gets a DeepSpeed inference engine of its own (partitioned, `vlmalign.trainers.engines.reference`)."""
     if ref_model is not None:
         from ..models.loading import load_model
 

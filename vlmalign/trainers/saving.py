@@ -20,7 +20,7 @@ import shutil
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..distributed.gather import zero3_engine
+from .engines.gather import zero3_engine
 from ..models.forward import unwrap_model
 from ..models.loading import save_processor
 from . import checkpoint as ckpt
